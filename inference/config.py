@@ -1,0 +1,207 @@
+"""Typed job and service configuration, loaded from YAML.
+
+One root :class:`Config`; each component receives only its own section. Unknown keys are errors,
+and a bad file fails with the field path and the reason before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inference.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Section):
+    kind: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Engine implementation: vllm on GPUs, transformers anywhere."
+    )
+    model: str = Field(
+        "tiny-llama",
+        description="A bundled model name (tiny-llama, all-minilm-l6-v2) or a local model folder.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the transformers engine runs; auto picks cuda when present."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto is float32 on CPU and bfloat16 on CUDA."
+    )
+    threads: int = Field(
+        1, ge=1, le=256, description="torch threads per CPU worker (match the worker's num_cpus)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length; defaults to the model's own."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments passed to the engine (vLLM)."
+    )
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Most items in one forward pass.")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=16,
+        description="Token budget of one forward pass: rows x (longest prompt + max_tokens).",
+    )
+    max_wait_ms: int = Field(
+        20, ge=0, le=60_000, description="Longest wait for a fuller batch before running a partial."
+    )
+    prefetch_batches: int = Field(
+        2, ge=1, le=16, description="Batches a worker keeps leased ahead of the engine."
+    )
+
+
+class QueueConfig(_Section):
+    lease_s: float = Field(60.0, gt=0, description="Visibility timeout of a lease, in seconds.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts before an item dead-letters.")
+    backoff_base_s: float = Field(1.0, ge=0, description="Base of the exponential retry backoff.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Cap of the retry backoff.")
+    priority: int = Field(0, ge=0, le=9, description="Priority class of the job: higher first.")
+    db_path: str | None = Field(
+        None,
+        description="SQLite file of the WorkQueue; default <output>/_queue/queue.sqlite for a "
+        "local output path.",
+    )
+    max_item_bytes: int = Field(
+        1_000_000, ge=256, description="Largest accepted item payload (JSON bytes)."
+    )
+
+
+class OutputConfig(_Section):
+    path: str = Field("output", description="Output root: a local folder or a pyarrow.fs URI.")
+    format: Literal["parquet", "arrow"] = Field("parquet", description="Shard file format.")
+    rows_per_shard: int = Field(1000, ge=1, description="Rows at which a shard is committed.")
+    max_shard_age_s: float = Field(
+        30.0, gt=0, description="A shard with rows older than this is committed anyway."
+    )
+
+
+class ScalingConfig(_Section):
+    min_workers: int = Field(0, ge=0, description="Workers kept even when the queue is empty.")
+    max_workers: int = Field(
+        0, ge=0, description="Most workers; 0 means one per CPU (or GPU) of the cluster."
+    )
+    target_drain_s: float = Field(3600.0, gt=0, description="Aim to drain the backlog this fast.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 runs on CPUs.")
+    cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per worker.")
+    cost_per_gpu_hour: float = Field(
+        0.0, ge=0, description="Price of one worker-hour (GPU or CPU slot), for cost reports."
+    )
+
+
+class ScheduleConfig(_Section):
+    not_before: datetime | None = Field(None, description="Items are not leased before this time.")
+    windows: list[str] = Field(
+        default_factory=list, description="Allowed run windows, e.g. '22:00-06:00'."
+    )
+    timezone: str = Field("UTC", description="Time zone of the windows (IANA name).")
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> ScheduleConfig:
+        for window in self.windows:
+            if not _WINDOW.match(window):
+                raise ValueError(f"window {window!r} is not HH:MM-HH:MM")
+        return self
+
+
+class InputConfig(_Section):
+    on_invalid: Literal["reject", "skip"] = Field(
+        "reject", description="reject: a bad line stops the job before anything is enqueued."
+    )
+    text_column: str = Field("text", description="Text column of plain JSONL/CSV/Parquet input.")
+    id_column: str | None = Field(None, description="Id column; default is the row number.")
+    prompt_template: str = Field("{text}", description="Prompt made from the text column.")
+    task: Literal["chat", "completion", "embedding"] = Field(
+        "chat", description="Task of plain (non-OpenAI) input rows."
+    )
+    max_tokens: int = Field(64, ge=1, description="max_tokens of plain input rows.")
+
+
+class ApiConfig(_Section):
+    tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens.")
+    max_body_bytes: int = Field(50_000_000, ge=1024, description="Largest request body.")
+    max_items_per_request: int = Field(10_000, ge=1, description="Items in one enqueue call.")
+    max_backlog_items: int = Field(
+        10_000_000, ge=1, description="Pending items above which enqueues get 429."
+    )
+
+
+class Config(BaseModel):
+    """The root config of a job (and of `inference serve`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig = Field(EngineConfig(), description="The engine.")
+    batching: BatchingConfig = Field(BatchingConfig(), description="Batching.")
+    queue: QueueConfig = Field(QueueConfig(), description="Queue semantics.")
+    output: OutputConfig = Field(OutputConfig(), description="Where results go.")
+    scaling: ScalingConfig = Field(ScalingConfig(), description="Worker pool.")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="When to run.")
+    input: InputConfig = Field(InputConfig(), description="Input mapping.")
+    api: ApiConfig = Field(ApiConfig(), description="HTTP API settings.")
+
+    def with_updates(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields of some sections replaced (validated again)."""
+        data = self.model_dump()
+        for name, values in sections.items():
+            data[name] = {**data[name], **values}
+        return parse_config(data, source="<override>")
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {path}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    _warn_wasteful(config)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {path}: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def _warn_wasteful(config: Config) -> None:
+    if config.engine.kind == "vllm" and config.scaling.gpus_per_worker == 0:
+        logger.warning("engine.kind is vllm but scaling.gpus_per_worker is 0: vLLM needs a GPU")
+    if config.queue.lease_s < 5:
+        logger.warning(
+            "queue.lease_s=%s is short: slow batches may lose their lease", config.queue.lease_s
+        )

@@ -1,0 +1,54 @@
+"""The engine contract: what the batcher and the worker need from any engine.
+
+An engine prepares items one by one (tokenize, check the context length: an item that cannot fit
+is a :class:`~inference.errors.PermanentError` before it ever reaches a forward pass) and runs
+prepared items in batches, returning exactly one :class:`~inference.schema.Result` or one
+:class:`~inference.errors.ItemError` per item, in order. Errors that doom the engine itself are
+raised as :class:`~inference.errors.EngineFatalError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from inference.errors import ItemError
+from inference.schema import Request, Result
+
+
+@dataclass(slots=True)
+class Prepared:
+    """An item ready for a forward pass."""
+
+    request: Request
+    prompt_ids: list[int]
+    key: Any = None  # the caller's handle (e.g. the lease), passed through untouched
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def cost_tokens(self) -> int:
+        """Tokens this item occupies in a batch: prompt plus what it may generate."""
+        return len(self.prompt_ids) + self.request.max_tokens * self.request.n
+
+
+class Engine(Protocol):
+    """One model loaded on one device."""
+
+    model_name: str
+    tasks: frozenset[str]
+    context_len: int
+    max_batch_size: int
+
+    def prepare(self, request: Request) -> Prepared:
+        """Tokenize and check one request; raises PermanentError when it cannot run here."""
+        ...
+
+    def run(self, batch: list[Prepared]) -> list[Result | ItemError]:
+        """One result or one per-item error for each item, in order."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,104 @@
+"""A pool of ``InferenceWorker`` actors of one engine config: start, watch, replace, drain."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from inference.config import Config
+from inference.queue.actor import NAMESPACE
+from inference.worker import InferenceWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Member:
+    worker_id: str
+    handle: Any
+    run_ref: Any
+
+
+class WorkerPool:
+    """Workers leasing from one pool of the WorkQueue. The caller owns the pool's size."""
+
+    def __init__(self, config: Config, pool: str, queue: Any) -> None:
+        self.config = config
+        self.pool = pool
+        self.queue = queue
+        self.members: dict[str, _Member] = {}
+        self.lost = 0
+        self.fatal_errors: list[str] = []
+
+    def start(self, count: int) -> None:
+        for _ in range(count):
+            self._start_one()
+
+    def _start_one(self) -> None:
+        worker_id = f"{self.pool}-{uuid.uuid4().hex[:8]}"
+        scaling = self.config.scaling
+        actor_cls = ray.remote(InferenceWorker)
+        handle: Any = actor_cls.options(
+            name=worker_id,
+            namespace=NAMESPACE,
+            num_cpus=scaling.cpus_per_worker,
+            num_gpus=scaling.gpus_per_worker,
+            max_concurrency=4,
+            max_restarts=0,
+        ).remote(worker_id, self.config, self.pool)
+        self.members[worker_id] = _Member(worker_id, handle, handle.run.remote())
+        logger.info("worker started worker=%s", worker_id)
+
+    def check(self, replace: bool = True) -> list[str]:
+        """Reap workers whose run ended; release a lost worker's leases (an attempt is charged)
+        and start a replacement. Returns the ids of the workers that ended."""
+        refs = {m.run_ref: m for m in self.members.values()}
+        if not refs:
+            return []
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        ended = []
+        for ref in ready:
+            member = refs[ref]
+            ended.append(member.worker_id)
+            del self.members[member.worker_id]
+            try:
+                ray.get(ref)
+                continue  # drained on purpose
+            except ray.exceptions.RayError as exc:
+                self.lost += 1
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.fatal_errors.append(message)
+                released = ray.get(self.queue.release_worker.remote(member.worker_id))
+                logger.warning(
+                    "worker lost worker=%s released=%d: %s", member.worker_id, released, message
+                )
+            if replace:
+                self._start_one()
+        return ended
+
+    def drain(self, timeout_s: float = 120.0) -> None:
+        """Ask every worker to drain and wait for it; kill the ones that do not finish."""
+        members = list(self.members.values())
+        for m in members:
+            m.handle.drain.remote()
+        if members:
+            ray.wait([m.run_ref for m in members], num_returns=len(members), timeout=timeout_s)
+        for m in members:
+            try:
+                ray.get(m.run_ref, timeout=0)
+            except Exception as exc:
+                logger.warning("worker %s ended with %s", m.worker_id, type(exc).__name__)
+                ray.get(self.queue.release_worker.remote(m.worker_id))
+            ray.kill(m.handle)
+        self.members.clear()
+
+    def infos(self) -> list[dict[str, Any]]:
+        refs = [m.handle.info.remote() for m in self.members.values()]
+        try:
+            return list(ray.get(refs, timeout=5))
+        except ray.exceptions.RayError:
+            return []

@@ -1,0 +1,246 @@
+"""The ``WorkQueue`` Ray actor: one per cluster, detached, restartable, pinned to the head node
+(where its SQLite file lives). It serves :class:`~inference.queue.store.QueueStore` and
+coordinates shard commits (see :mod:`inference.shards`).
+
+The actor runs one call at a time, so a check of lease tokens, the rename that publishes a shard
+and the transaction that completes its items cannot interleave with a lease of the same items.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from inference.errors import OutputError, QueueError
+from inference.queue.store import (
+    EnqueueResult,
+    JobSpec,
+    LeasedItem,
+    LeaseToken,
+    NewItem,
+    QueueStore,
+    Refusal,
+)
+from inference.shards import JobOutput
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "inference"
+QUEUE_NAME = "WorkQueue"
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredShard:
+    n: int
+    path: str
+    tmp_path: str
+    refused: list[Refusal]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    committed: bool
+    refused: list[Refusal]
+    reason: str = ""
+
+
+def _fault(step: str) -> None:
+    """Crash the process at a named step of the commit protocol, when a test asks for it
+    through ``INFERENCE_FAULT=<step>``. Off unless that variable is set."""
+    if os.environ.get("INFERENCE_FAULT") == step:
+        logger.error("fault injection: exiting at %s", step)
+        os._exit(17)
+
+
+class WorkQueue:
+    """Durable work queue with leases, fencing, retries and dead letters."""
+
+    def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self._store = QueueStore(db_path)
+        self._max_item_bytes = max_item_bytes
+        self._outputs: dict[str, JobOutput] = {}
+        self._recover()
+
+    # --------------------------------------------------------------- recovery
+    def _recover(self) -> None:
+        rearmed = self._store.rearm_leases()
+        for shard in self._store.declared_shards():
+            output = self._output(shard["job_id"])
+            if output.exists(shard["path"]) and output.is_local:
+                # The rename happened and the crash came before the items' transaction: the
+                # leases were valid at the rename (checked in the same turn), so complete them.
+                self._store.commit_shard(
+                    shard["job_id"], shard["n"], rows=-1, nbytes=-1, check_leases=False
+                )
+                logger.info(
+                    "recovery: shard %s/%d was published; items completed",
+                    shard["job_id"],
+                    shard["n"],
+                )
+            else:
+                self._store.abort_shard(shard["job_id"], shard["n"])
+        for job_id in self._store.job_ids():
+            try:
+                self._output(job_id).remove_temporaries()
+            except (OSError, OutputError) as exc:
+                logger.warning("recovery: cannot clean temporaries of %s: %s", job_id, exc)
+        logger.info("WorkQueue ready db=%s leases_rearmed=%d", self._store.path, rearmed)
+
+    def _output(self, job_id: str) -> JobOutput:
+        if job_id not in self._outputs:
+            settings = self._store.job_spec(job_id).settings
+            self._outputs[job_id] = JobOutput(
+                settings["output_path"], job_id, settings.get("output_format", "parquet")
+            )
+        return self._outputs[job_id]
+
+    # --------------------------------------------------------------- jobs
+    def ping(self) -> str:
+        return str(self._store.path)
+
+    def create_job(self, spec: JobSpec) -> bool:
+        created = self._store.create_job(spec)
+        if "output_path" in spec.settings:
+            self._output(spec.job_id).makedirs()
+        return created
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        return self._store.job_spec(job_id)
+
+    def set_job_state(self, job_id: str, state: str) -> None:
+        self._store.set_job_state(job_id, state)
+
+    def enqueue(self, job_id: str, items: Sequence[NewItem]) -> EnqueueResult:
+        return self._store.enqueue(job_id, items, max_item_bytes=self._max_item_bytes)
+
+    # --------------------------------------------------------------- leases
+    def lease(
+        self,
+        worker: str,
+        max_items: int,
+        max_tokens: int | None = None,
+        lease_s: float = 60.0,
+        pool: str | None = None,
+    ) -> list[LeasedItem]:
+        return self._store.lease(worker, max_items, max_tokens, lease_s, pool)
+
+    def extend(self, tokens: Sequence[LeaseToken], lease_s: float) -> list[Refusal]:
+        return self._store.extend(tokens, lease_s)
+
+    def release(self, tokens: Sequence[LeaseToken], cause: str = "drained") -> list[Refusal]:
+        return self._store.release(tokens, cause)
+
+    def release_worker(self, worker: str, cause: str = "worker_lost") -> int:
+        return self._store.release_worker(worker, cause)
+
+    def fail(
+        self, tokens: Sequence[LeaseToken], kind: str, code: str, message: str
+    ) -> list[Refusal]:
+        return self._store.fail(tokens, kind, code, message)
+
+    # --------------------------------------------------------------- shard commits
+    def declare_shard(
+        self, job_id: str, tokens: Sequence[LeaseToken], worker: str
+    ) -> DeclaredShard:
+        output = self._output(job_id)
+        n, refused = self._store.declare_shard(
+            job_id, tokens, worker, output.data_path("{n}"), output.tmp_path("{n}")
+        )
+        shard = self._store.shard(job_id, n)
+        return DeclaredShard(n, shard["path"], shard["tmp_path"], refused)
+
+    def commit_shard(
+        self, job_id: str, n: int, rows: int, nbytes: int, usage: dict[str, float] | None = None
+    ) -> CommitResult:
+        """Publish a written shard and complete its items, or refuse if any lease is gone
+        (then the temporary file is deleted and nothing becomes visible)."""
+        shard = self._store.shard(job_id, n)
+        if shard["state"] == "committed":  # a retried call after the actor restarted
+            return CommitResult(True, [], "already committed")
+        if shard["state"] != "declared":
+            return CommitResult(False, [], f"shard is {shard['state']}")
+        output = self._output(job_id)
+        self._store.expire_leases()
+        refused = self._store.check_tokens(shard["tokens"]).refused
+        if refused or not shard["tokens"]:
+            output.remove(shard["tmp_path"])
+            self._store.abort_shard(job_id, n)
+            return CommitResult(False, refused, "leases no longer held")
+        _fault("before_publish")
+        try:
+            output.publish(shard["tmp_path"], shard["path"])
+        except (OSError, OutputError) as exc:
+            self._store.abort_shard(job_id, n)
+            return CommitResult(False, [], f"publish failed: {exc}")
+        _fault("after_publish")
+        self._store.commit_shard(
+            job_id, n, rows=rows, nbytes=nbytes, usage=usage, check_leases=False
+        )
+        _fault("after_complete")
+        return CommitResult(True, [])
+
+    def abort_shard(self, job_id: str, n: int) -> None:
+        shard = self._store.shard(job_id, n)
+        if shard["state"] == "declared":
+            self._output(job_id).remove(shard["tmp_path"])
+            self._store.abort_shard(job_id, n)
+
+    def committed_shards(self, job_id: str) -> list[dict[str, Any]]:
+        return self._store.committed_shards(job_id)
+
+    # --------------------------------------------------------------- dead letters, reads
+    def dead_letters(self, job_id: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
+        return self._store.dead_letters(job_id, limit, after)
+
+    def redrive(self, job_id: str, item_ids: Sequence[str] | None = None) -> int:
+        return self._store.redrive(job_id, item_ids)
+
+    def stats(self, job_id: str | None = None) -> dict[str, Any]:
+        self._store.expire_leases()
+        return self._store.stats(job_id)
+
+    def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
+        return self._store.item(job_id, item_id)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) -> Any:
+    """The cluster's WorkQueue actor, created on the head node when it does not exist yet."""
+    head = _head_node_id()
+    actor_cls = ray.remote(WorkQueue)
+    handle: Any = actor_cls.options(
+        name=QUEUE_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head, soft=False),
+    ).remote(str(db_path), max_item_bytes)
+    ray.get(handle.ping.remote())
+    return handle
+
+
+def get_queue() -> Any:
+    try:
+        return ray.get_actor(QUEUE_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise QueueError("no WorkQueue runs on this Ray cluster") from None
+
+
+def _head_node_id() -> str:
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,257 @@
+"""``inference run``: one job from an input file to committed shards, on the Ray cluster it finds
+(or an embedded one), with live progress, resume by job id, and a summary in ``job.json``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from inference.cluster import cluster_slots, connect
+from inference.config import Config
+from inference.errors import InferenceError, InputError
+from inference.inputs import InputProblem, InputRecord, read_input
+from inference.pool import WorkerPool
+from inference.progress import Progress, Tracker
+from inference.queue.actor import get_or_create_queue
+from inference.queue.store import JobSpec, NewItem
+from inference.shards import JobOutput, errors_table, resolve_fs
+
+logger = logging.getLogger(__name__)
+
+ENQUEUE_CHUNK = 512
+
+
+@dataclass
+class RunSummary:
+    job_id: str
+    output: str
+    total: int
+    done: int
+    dead: int
+    processed: int
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    items_per_s: float
+    tokens_per_s: float
+    workers: int
+    workers_lost: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def default_job_id(input_path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", input_path.stem)[:64] or "job"
+    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def queue_db_path(config: Config, output_root: str) -> str:
+    if config.queue.db_path:
+        return str(Path(config.queue.db_path).expanduser().absolute())
+    _fs, base, is_local = resolve_fs(output_root)
+    if not is_local:
+        return str(Path("~/.cache/inference/queue.sqlite").expanduser())
+    return f"{base}/_queue/queue.sqlite"
+
+
+def validate_input(path: Path, config: Config) -> tuple[int, list[InputProblem]]:
+    """First pass over the input: count good records, collect every problem."""
+    good = 0
+    problems: list[InputProblem] = []
+    for record in read_input(path, config.input, config.engine.model):
+        if isinstance(record, InputProblem):
+            problems.append(record)
+        else:
+            good += 1
+    return good, problems
+
+
+def _chunks(records: Iterator[InputRecord | InputProblem]) -> Iterator[list[NewItem]]:
+    chunk: list[NewItem] = []
+    for record in records:
+        if isinstance(record, InputRecord):
+            chunk.append(NewItem(record.item_id, record.payload, record.tokens))
+            if len(chunk) >= ENQUEUE_CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
+    not_before = config.schedule.not_before.timestamp() if config.schedule.not_before else 0.0
+    _fs, base, is_local = resolve_fs(output_root)
+    return JobSpec(
+        job_id=job_id,
+        pool=config.engine.model,
+        priority=config.queue.priority,
+        max_attempts=config.queue.max_attempts,
+        backoff_base_s=config.queue.backoff_base_s,
+        backoff_max_s=config.queue.backoff_max_s,
+        not_before=not_before,
+        settings={
+            "output_path": base if is_local else output_root,
+            "output_format": config.output.format,
+            "rows_per_shard": config.output.rows_per_shard,
+            "max_shard_age_s": config.output.max_shard_age_s,
+            "model": config.engine.model,
+            "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
+        },
+    )
+
+
+def run_job(
+    input_path: str | Path,
+    config: Config,
+    *,
+    job_id: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    poll_s: float = 0.5,
+) -> RunSummary:
+    """Run one job to completion. Raises InputError (nothing enqueued) for a bad input file."""
+    started = time.monotonic()
+    input_path = Path(input_path)
+    output_root = config.output.path
+    job_id = job_id or default_job_id(input_path)
+    output = JobOutput(output_root, job_id, config.output.format)
+
+    good, problems = validate_input(input_path, config)
+    if problems and config.input.on_invalid == "reject":
+        shown = "\n".join(f"  line {p.line}: {p.reason}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise InputError(
+            f"{input_path}: {len(problems)} invalid line(s); nothing was enqueued "
+            f"(input.on_invalid is reject):\n{shown}{more}"
+        )
+    for p in problems:
+        logger.warning("skipping %s line %d: %s", input_path, p.line, p.reason)
+
+    connect()
+    queue = get_or_create_queue(queue_db_path(config, output_root), config.queue.max_item_bytes)
+    resumed = not ray.get(queue.create_job.remote(job_spec(config, job_id, output_root)))
+    before = ray.get(queue.stats.remote(job_id))
+    scaling = config.scaling
+    workers = scaling.max_workers or cluster_slots(scaling.cpus_per_worker, scaling.gpus_per_worker)
+    workers = max(workers, scaling.min_workers, 1)
+    pool = WorkerPool(config, config.engine.model, queue)
+    tracker = Tracker(cost_per_hour=scaling.cost_per_gpu_hour)
+    expected_new = good - before["total"]
+    if expected_new > 0 or before["pending"] + before["leased"] > 0:
+        pool.start(workers)  # workers load their model while the items are enqueued
+    try:
+        accepted = 0
+        for chunk in _chunks(read_input(input_path, config.input, config.engine.model)):
+            accepted += ray.get(queue.enqueue.remote(job_id, chunk)).accepted
+        logger.info("job=%s enqueued=%d resumed=%s", job_id, accepted, resumed)
+        while True:
+            stats = ray.get(queue.stats.remote(job_id))
+            remaining = stats["pending"] + stats["leased"]
+            progress = tracker.update(time.monotonic(), stats, finalizing=remaining == 0)
+            if on_progress:
+                on_progress(progress)
+            if remaining == 0:
+                break
+            pool.check(replace=True)
+            if pool.lost > max(10, 3 * workers):
+                raise InferenceError(
+                    f"job {job_id}: {pool.lost} workers lost; last error: {pool.fatal_errors[-1]}"
+                )
+            time.sleep(poll_s)
+    finally:
+        pool.drain()
+    final = ray.get(queue.stats.remote(job_id))
+    finalize(queue, output, job_id, final)
+    wall_s = time.monotonic() - started
+    processed = final["done"] + final["dead"] - before["done"] - before["dead"]
+    tokens = (
+        final["prompt_tokens"]
+        + final["completion_tokens"]
+        - before["prompt_tokens"]
+        - before["completion_tokens"]
+    )
+    summary = RunSummary(
+        job_id=job_id,
+        output=output.base,
+        total=final["total"],
+        done=final["done"],
+        dead=final["dead"],
+        processed=processed,
+        prompt_tokens=final["prompt_tokens"],
+        completion_tokens=final["completion_tokens"],
+        wall_s=wall_s,
+        items_per_s=processed / wall_s if wall_s else 0.0,
+        tokens_per_s=tokens / wall_s if wall_s else 0.0,
+        workers=workers if processed else 0,
+        workers_lost=pool.lost,
+    )
+    output.write_json(output.job_json, {**summary.as_dict(), **_job_fields(final, config)})
+    if on_progress:
+        on_progress(tracker.update(time.monotonic(), final))
+    return summary
+
+
+def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
+    busy_s = float(stats["busy_s"])
+    return {
+        "state": "completed",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "busy_s": busy_s,
+        "cost": busy_s / 3600.0 * config.scaling.cost_per_gpu_hour,
+        "model": config.engine.model,
+        "lease_expiries": stats["lease_expiries"],
+    }
+
+
+def finalize(queue: Any, output: JobOutput, job_id: str, stats: dict[str, Any]) -> None:
+    """Write the dead letters to ``errors/`` and the manifest of committed shards."""
+    fs = output.fs
+    dead: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = ray.get(queue.dead_letters.remote(job_id, 5000, after))
+        if not page:
+            break
+        dead.extend(page)
+        after = page[-1]["id"]
+    error_file = output.errors_path(0)
+    if dead:
+        rows = [
+            {
+                "job_id": job_id,
+                "custom_id": d["custom_id"],
+                "error_kind": d["error_kind"],
+                "error_code": d["error_code"],
+                "message": d["message"],
+                "attempts": d["attempts"],
+                "last_attempt_at": datetime.fromtimestamp(d["last_attempt_at"] or 0, UTC),
+            }
+            for d in dead
+        ]
+        tmp = error_file + ".tmp"
+        output.write_table(errors_table(rows), tmp)
+        fs.move(tmp, error_file)
+    else:
+        output.remove(error_file)
+    shards = ray.get(queue.committed_shards.remote(job_id))
+    base = output.base
+    output.write_json(
+        output.manifest,
+        {
+            "job_id": job_id,
+            "shards": [
+                {"file": s["path"][len(base) + 1 :], "rows": s["rows"], "bytes": s["bytes"]}
+                for s in shards
+            ],
+            "done": stats["done"],
+            "dead": stats["dead"],
+        },
+    )

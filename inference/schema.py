@@ -1,0 +1,240 @@
+"""Requests, results and the Arrow schemas of what users read.
+
+An item's payload is the OpenAI batch line's ``url`` and ``body``. :func:`parse_request` turns it
+into a typed :class:`Request`; every layer (input reader, HTTP API, worker) uses that one parser,
+so an item is judged the same way wherever it enters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from inference.errors import PermanentError
+
+Task = Literal["chat", "completion", "embedding"]
+
+CUSTOM_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+URL_TASKS: dict[str, Task] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+# Body fields an engine here cannot honour; a request that sets them is refused, never ignored.
+_UNSUPPORTED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "response_format",
+    "stream",
+)
+_MAX_TOKENS_DEFAULT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One item, parsed: what to run and how to sample."""
+
+    task: Task
+    model: str = ""
+    messages: tuple[dict[str, str], ...] = ()
+    prompt: str = ""
+    max_tokens: int = _MAX_TOKENS_DEFAULT
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """All input text, for size estimates."""
+        if self.messages:
+            return "\n".join(m["content"] for m in self.messages)
+        return self.prompt
+
+
+def _invalid(message: str) -> PermanentError:
+    return PermanentError(message, code="invalid_request")
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(f"body.{name} must be a number")
+    if not lo <= value <= hi:
+        raise _invalid(f"body.{name} must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"body.{name} must be an integer")
+    if not lo <= value <= hi:
+        raise _invalid(f"body.{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _messages(body: dict[str, Any]) -> tuple[dict[str, str], ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("body.messages must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"body.messages[{i}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise _invalid(f"body.messages[{i}].role must be system, user or assistant")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise PermanentError(
+                        f"body.messages[{i}].content: only text parts are supported",
+                        code="unsupported",
+                    )
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise _invalid(f"body.messages[{i}].content must be a string")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return tuple(out)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise _invalid("body.stop must be a string or a list of up to 4 non-empty strings")
+    return tuple(stop)
+
+
+def parse_request(url: Any, body: Any) -> Request:
+    """Parse an OpenAI batch request; raises PermanentError naming the field and the reason.
+
+    ``code`` is ``invalid_request`` for a malformed request and ``unsupported`` for a valid one
+    that no engine here can run.
+    """
+    task = URL_TASKS.get(url) if isinstance(url, str) else None
+    if task is None:
+        raise _invalid(f"url must be one of {', '.join(URL_TASKS)}, got {url!r}")
+    if not isinstance(body, dict):
+        raise _invalid("body must be a JSON object")
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise _invalid("body.model must be a string")
+    if task == "embedding":
+        text = body.get("input")
+        if isinstance(text, list) and len(text) == 1:
+            text = text[0]
+        if not isinstance(text, str):
+            raise _invalid("body.input must be a string (one input per item)")
+        if not text:
+            raise _invalid("body.input must not be empty")
+        return Request(task="embedding", model=model, prompt=text, max_tokens=0)
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False):
+            raise PermanentError(f"body.{name} is not supported", code="unsupported")
+    if task == "chat":
+        messages, prompt = _messages(body), ""
+        limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    else:
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1:
+            raw = raw[0]
+        if not isinstance(raw, str):
+            raise _invalid("body.prompt must be a string (one prompt per item)")
+        messages, prompt, limit_name = (), raw, "max_tokens"
+    max_tokens = _integer(body, limit_name, _MAX_TOKENS_DEFAULT, 1, 1_000_000)
+    seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
+    n = _integer(body, "n", 1, 1, 128)
+    assert max_tokens is not None and n is not None
+    return Request(
+        task=task,
+        model=model,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        stop=_stop(body),
+        seed=seed,
+        n=n,
+    )
+
+
+def encode_payload(url: str, body: dict[str, Any]) -> str:
+    """The queue's payload text of an item: canonical JSON, so equal requests compare equal."""
+    return json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"))
+
+
+def decode_payload(payload: str) -> Request:
+    data = json.loads(payload)
+    return parse_request(data.get("url"), data.get("body"))
+
+
+def estimate_tokens(request: Request) -> int:
+    """A cheap upper-ish estimate of an item's tokens (input + output) without a tokenizer."""
+    return len(request.text) // 3 + 8 + request.max_tokens * request.n
+
+
+@dataclass(slots=True)
+class Result:
+    """What an engine returns for one item."""
+
+    output_text: str | None = None
+    embedding: list[float] | None = None
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("custom_id", pa.string(), nullable=False),
+        pa.field("output_text", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("attempts", pa.int32()),
+        pa.field("worker", pa.string()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("completed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("custom_id", pa.string(), nullable=False),
+        pa.field("error_kind", pa.string()),
+        pa.field("error_code", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("attempts", pa.int32()),
+        pa.field("last_attempt_at", pa.timestamp("us", tz="UTC")),
+    ]
+)

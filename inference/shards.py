@@ -1,0 +1,227 @@
+"""Shards: where a job's output lives, how a shard is written, and how it becomes visible.
+
+Layout of a job (``<root>/<job_id>/``)::
+
+    data/part-<n>.parquet     committed shards (or .arrow)
+    errors/part-<n>.parquet   dead letters
+    _tmp/                     shards being written (never read)
+    _manifest.json            the committed shards, written on finalize
+    job.json                  the job summary
+
+Commit protocol (the WorkQueue is the coordinator): a worker declares shard ``n`` for its leased
+items, writes it under ``_tmp/`` and fsyncs it; the queue, in one actor turn, checks that every
+lease is still held, renames the file into ``data/`` (atomic on a local disk) and completes the
+items. On an object store the worker writes the final name once and the queue's manifest is the
+commit point. Either way no reader sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.feather as feather
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from inference.errors import OutputError
+from inference.schema import CUSTOM_ID, ERROR_SCHEMA, RESULT_SCHEMA
+
+_SUFFIX = {"parquet": ".parquet", "arrow": ".arrow"}
+
+
+def resolve_fs(root: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, base path, is_local) of an output root: a local path or a pyarrow.fs URI."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).expanduser().absolute()), True
+    try:
+        fs, base = pafs.FileSystem.from_uri(root)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OutputError(f"output path {root!r} is not usable: {exc}") from exc
+    return fs, base.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """Paths of one job's output, guarded so that nothing escapes the output root."""
+
+    root: str
+    job_id: str
+    format: str = "parquet"
+
+    def __post_init__(self) -> None:
+        if not CUSTOM_ID.match(self.job_id) or self.job_id in (".", ".."):
+            raise OutputError(f"job id {self.job_id!r} is not a safe folder name")
+        if self.format not in _SUFFIX:
+            raise OutputError(f"output format must be parquet or arrow, not {self.format!r}")
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return resolve_fs(self.root)[0]
+
+    @property
+    def is_local(self) -> bool:
+        return resolve_fs(self.root)[2]
+
+    @property
+    def base(self) -> str:
+        return f"{resolve_fs(self.root)[1]}/{self.job_id}"
+
+    def data_path(self, n: int | str) -> str:
+        return f"{self.base}/data/part-{_n(n)}{_SUFFIX[self.format]}"
+
+    def tmp_path(self, n: int | str) -> str:
+        """Where shard ``n`` is written before it is committed. On an object store the final
+        name is written once (no rename exists there); the manifest decides what counts."""
+        if not self.is_local:
+            return self.data_path(n)
+        return f"{self.base}/_tmp/part-{_n(n)}.{uuid.uuid4().hex[:12]}{_SUFFIX[self.format]}.tmp"
+
+    def errors_path(self, n: int) -> str:
+        return f"{self.base}/errors/part-{n:06d}{_SUFFIX[self.format]}"
+
+    @property
+    def job_json(self) -> str:
+        return f"{self.base}/job.json"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.base}/_manifest.json"
+
+    def check_inside(self, path: str) -> None:
+        """Refuse a path that leaves this job's folder, by ``..`` or by a symlink."""
+        base = self.base
+        if ".." in Path(path).parts or not path.startswith(base + "/"):
+            raise OutputError(f"path {path!r} is outside the job folder {base!r}")
+        if self.is_local:
+            real_root = os.path.realpath(resolve_fs(self.root)[1])
+            parent = os.path.realpath(os.path.dirname(path))
+            if parent != real_root and not parent.startswith(real_root + os.sep):
+                raise OutputError(f"path {path!r} leads out of the output root via a symlink")
+
+    # ------------------------------------------------------------------ file operations
+    def makedirs(self) -> None:
+        fs = self.fs
+        for sub in ("data", "errors", "_tmp") if self.is_local else ("data", "errors"):
+            fs.create_dir(f"{self.base}/{sub}", recursive=True)
+        self.check_inside(f"{self.base}/data/x")
+
+    def write_table(self, table: pa.Table, path: str) -> int:
+        """Write a whole file and make it durable; returns its size in bytes."""
+        self.check_inside(path)
+        if self.is_local:
+            with open(path, "wb") as f:
+                _write(table, f, self.format)
+                f.flush()
+                os.fsync(f.fileno())
+            return os.path.getsize(path)
+        with self.fs.open_output_stream(path) as stream:
+            _write(table, stream, self.format)
+        return int(self.fs.get_file_info(path).size)
+
+    def publish(self, tmp_path: str, final_path: str) -> None:
+        """Make a written shard visible: atomic rename plus a directory fsync on a local disk;
+        nothing to do on an object store (the final name was written once)."""
+        if tmp_path == final_path:
+            return
+        self.check_inside(tmp_path)
+        self.check_inside(final_path)
+        os.rename(tmp_path, final_path)
+        _fsync_dir(os.path.dirname(final_path))
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def remove(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_file(path)
+
+    def remove_temporaries(self) -> int:
+        """Delete what is left in ``_tmp/`` (writers that died). Call only when no writer of this
+        job is running, e.g. at queue recovery."""
+        if not self.is_local:
+            return 0
+        tmp = Path(f"{self.base}/_tmp")
+        removed = 0
+        if tmp.is_dir():
+            for leftover in tmp.iterdir():
+                leftover.unlink()
+                removed += 1
+        return removed
+
+    def write_json(self, path: str, data: dict[str, Any]) -> None:
+        body = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+        self.check_inside(path)
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            return
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(body)
+
+
+def _n(n: int | str) -> str:
+    return f"{n:06d}" if isinstance(n, int) else n
+
+
+def _write(table: pa.Table, sink: Any, fmt: str) -> None:
+    if fmt == "parquet":
+        pq.write_table(table, sink, compression="zstd")
+    else:
+        feather.write_feather(table, sink, compression="zstd")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def results_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+
+
+def read_results(path: str, *, errors: bool = False) -> pa.Table:
+    """Read a job's committed results (or, with ``errors=True``, its dead letters).
+
+    ``path`` is the job folder (``<output>/<job_id>``), local or a pyarrow.fs URI. Where a
+    ``_manifest.json`` exists, only the shards it lists count (on object stores a file outside the
+    manifest may be a write whose commit never happened)."""
+    fs, base, _ = resolve_fs(path)
+    schema = ERROR_SCHEMA if errors else RESULT_SCHEMA
+    folder = "errors" if errors else "data"
+    files: list[str]
+    manifest = f"{base}/_manifest.json"
+    if not errors and fs.get_file_info(manifest).type == pafs.FileType.File:
+        with fs.open_input_stream(manifest) as f:
+            files = [f"{base}/{s['file']}" for s in json.loads(f.read())["shards"]]
+    else:
+        selector = pafs.FileSelector(f"{base}/{folder}", allow_not_found=True)
+        files = sorted(
+            info.path
+            for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith((".parquet", ".arrow"))
+        )
+    tables = []
+    for file in files:
+        fmt = "ipc" if file.endswith(".arrow") else "parquet"
+        tables.append(pads.dataset(file, filesystem=fs, format=fmt, schema=schema).to_table())
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables)

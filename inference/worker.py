@@ -1,0 +1,379 @@
+"""``InferenceWorker``: one Ray actor per GPU (or per CPU slot) that keeps its engine busy.
+
+Three threads, so the engine never waits on the queue or on storage:
+
+- the **lease thread** leases items ahead of the engine (``prefetch_batches`` worth), prepares
+  them (tokenize, context check) into the :class:`~inference.batching.Batcher`, and heartbeats
+  every lease the worker holds;
+- the **engine loop** (the ``run`` call) takes batches and runs them in isolation;
+- the **writer thread** collects results per job and commits shards through the WorkQueue's
+  commit protocol (declare, write and fsync, publish and complete).
+
+``drain`` stops leasing, finishes what is held, commits, and returns; ``stop`` releases what is
+not finished (no attempt charged) and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import ray
+
+from inference.batching import Batcher, run_isolated
+from inference.config import Config
+from inference.engines import Prepared, make_engine
+from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
+from inference.queue.actor import get_queue
+from inference.queue.store import LeasedItem, LeaseToken
+from inference.schema import Result, decode_payload
+from inference.shards import JobOutput, results_table
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = (0.02, 0.5)  # lease poll interval when the queue is empty: grows from..to
+
+
+@dataclass
+class _Pending:
+    """Results of one job waiting for their shard."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[LeaseToken] = field(default_factory=list)
+    since: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0
+
+
+class InferenceWorker:
+    """Leases items, batches them through an engine, commits shards."""
+
+    def __init__(self, worker_id: str, config: Config, pool: str = "default") -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.worker_id = worker_id
+        self.config = config
+        self.pool = pool
+        self.lease_s = config.queue.lease_s
+        self.queue = get_queue()
+        self.engine = make_engine(config.engine, config.batching)
+        b = config.batching
+        self.batcher = Batcher(
+            min(b.max_batch_size, self.engine.max_batch_size), b.max_batch_tokens, b.max_wait_ms
+        )
+        self.prefetch_items = b.max_batch_size * b.prefetch_batches
+        self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
+        self._held_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = defaultdict(_Pending)
+        self._pending_lock = threading.Lock()
+        self._outputs: dict[str, JobOutput] = {}
+        self._settings: dict[str, dict[str, Any]] = {}
+        self._draining = threading.Event()
+        self._stopping = threading.Event()
+        self._queue_empty = threading.Event()
+        self._flush_now = threading.Event()
+        self._writer_stop = threading.Event()
+        self._state = "starting"
+        self._counters = {
+            "batches": 0,
+            "items": 0,
+            "errors": 0,
+            "shards": 0,
+            "busy_s": 0.0,
+            "last_batch_size": 0,
+            "last_batch_tokens": 0,
+        }
+        self._fatal: str | None = None
+        self.node = socket.gethostname()
+        logger.info("worker ready worker=%s pool=%s pid=%d", worker_id, pool, os.getpid())
+
+    # ------------------------------------------------------------------ control
+    def info(self) -> dict[str, Any]:
+        with self._held_lock:
+            held = len(self._held)
+        return {
+            "worker": self.worker_id,
+            "pool": self.pool,
+            "state": self._state,
+            "node": self.node,
+            "pid": os.getpid(),
+            "held": held,
+            "buffered": len(self.batcher),
+            "gpus": ray.get_gpu_ids(),
+            "fatal": self._fatal,
+            **self._counters,
+        }
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def drain(self) -> None:
+        """Stop leasing; finish and commit what is held; then ``run`` returns."""
+        self._draining.set()
+
+    def stop(self) -> None:
+        """Stop soon: release what is not finished (no attempt charged)."""
+        self._stopping.set()
+        self._draining.set()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        """The engine loop. Returns the worker's counters when drained or stopped."""
+        lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
+        writer_thread = threading.Thread(target=self._writer_loop, name="writer", daemon=True)
+        lease_thread.start()
+        writer_thread.start()
+        try:
+            while not self._stopping.is_set():
+                batch = self.batcher.take()
+                if batch:
+                    self._state = "busy"
+                    self._run_batch(batch)
+                    continue
+                self._state = "leasing"
+                if self._draining.is_set() and not lease_thread.is_alive():
+                    break
+                if self._queue_empty.is_set():
+                    self._flush_now.set()  # nothing more is coming soon: commit what we have
+        except EngineFatalError as exc:
+            self._fatal = str(exc)
+            logger.error("engine fatal worker=%s: %s", self.worker_id, exc)
+            self._stopping.set()
+        finally:
+            self._draining.set()
+            lease_thread.join()
+            self._release(self.batcher.drain())
+            self._writer_stop.set()
+            writer_thread.join()
+            self._state = "stopped"
+        if self._fatal:
+            raise EngineFatalError(self._fatal)
+        return self.info()
+
+    def _run_batch(self, batch: list[Prepared]) -> None:
+        start = time.monotonic()
+        results = run_isolated(self.engine, batch)
+        elapsed = time.monotonic() - start
+        self._counters["batches"] += 1
+        self._counters["items"] += len(batch)
+        self._counters["busy_s"] += elapsed
+        self._counters["last_batch_size"] = len(batch)
+        self._counters["last_batch_tokens"] = sum(it.cost_tokens for it in batch)
+        per_item_s = elapsed / len(batch)
+        now = datetime.now(UTC)
+        failures: list[tuple[LeasedItem, ItemError]] = []
+        with self._pending_lock:
+            for item, result in zip(batch, results, strict=True):
+                leased: LeasedItem = item.key
+                if isinstance(result, ItemError):
+                    failures.append((leased, result))
+                    continue
+                self._add_row(leased, result, item, now, per_item_s)
+        if failures:
+            self._fail(failures)
+
+    def _add_row(
+        self, leased: LeasedItem, result: Result, item: Prepared, now: datetime, busy_s: float
+    ) -> None:
+        pending = self._pending[leased.job_id]
+        if not pending.rows:
+            pending.since = time.monotonic()
+        pending.rows.append(
+            {
+                "job_id": leased.job_id,
+                "custom_id": leased.item_id,
+                "output_text": result.output_text,
+                "embedding": result.embedding,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "model": self.engine.model_name,
+                "attempts": leased.attempts + 1,
+                "worker": self.worker_id,
+                "latency_ms": (time.monotonic() - item.extra["leased_at"]) * 1000.0,
+                "completed_at": now,
+            }
+        )
+        pending.tokens.append(leased.token)
+        pending.prompt_tokens += result.prompt_tokens
+        pending.completion_tokens += result.completion_tokens
+        pending.busy_s += busy_s
+
+    # ------------------------------------------------------------------ leasing
+    def _lease_loop(self) -> None:
+        poll_s = _IDLE_POLL_S[0]
+        last_beat = time.monotonic()
+        try:
+            while not self._draining.is_set():
+                if time.monotonic() - last_beat > self.lease_s / 3:
+                    self._heartbeat()
+                    last_beat = time.monotonic()
+                room = self.prefetch_items - len(self.batcher)
+                if room <= 0:
+                    time.sleep(0.005)
+                    continue
+                leased = ray.get(
+                    self.queue.lease.remote(self.worker_id, room, None, self.lease_s, self.pool)
+                )
+                if not leased:
+                    self._queue_empty.set()
+                    time.sleep(poll_s)
+                    poll_s = min(poll_s * 2, _IDLE_POLL_S[1])
+                    continue
+                self._queue_empty.clear()
+                poll_s = _IDLE_POLL_S[0]
+                self._accept(leased)
+            # Drain: keep heartbeating until the engine loop has settled what we hold.
+            while not self._stopping.is_set() and (len(self.batcher) or self._holding()):
+                if time.monotonic() - last_beat > self.lease_s / 3:
+                    self._heartbeat()
+                    last_beat = time.monotonic()
+                self._flush_now.set()
+                time.sleep(0.05)
+        except Exception:
+            logger.exception("lease loop failed worker=%s", self.worker_id)
+            self._stopping.set()
+
+    def _holding(self) -> bool:
+        with self._held_lock:
+            return bool(self._held)
+
+    def _accept(self, leased: list[LeasedItem]) -> None:
+        now = time.monotonic()
+        prepared: list[Prepared] = []
+        refused: list[tuple[LeasedItem, ItemError]] = []
+        with self._held_lock:
+            for item in leased:
+                self._held[item.token] = item.job_id
+        for item in leased:
+            self._job_settings(item.job_id)
+            try:
+                request = decode_payload(item.payload)
+                p = self.engine.prepare(request)
+            except ItemError as exc:
+                refused.append((item, exc))
+                continue
+            except Exception as exc:  # a tokenizer crash on odd input is the input's fault
+                refused.append((item, PermanentError(f"cannot prepare: {exc}", "invalid_request")))
+                continue
+            p.key = item
+            p.extra["leased_at"] = now
+            prepared.append(p)
+        if refused:
+            self._fail(refused)
+        self.batcher.add(prepared)
+
+    def _heartbeat(self) -> None:
+        with self._held_lock:
+            tokens = list(self._held)
+        if not tokens:
+            return
+        refused = ray.get(self.queue.extend.remote(tokens, self.lease_s))
+        if refused:
+            logger.warning("heartbeat: %d lease(s) lost worker=%s", len(refused), self.worker_id)
+
+    def _fail(self, failures: list[tuple[LeasedItem, ItemError]]) -> None:
+        groups: dict[tuple[str, str, str], list[LeaseToken]] = defaultdict(list)
+        for leased, error in failures:
+            groups[(error.kind, error.code, error.message)].append(leased.token)
+        self._counters["errors"] += len(failures)
+        for (kind, code, message), tokens in groups.items():
+            ray.get(self.queue.fail.remote(tokens, kind, code, message))
+        self._forget(t for group in groups.values() for t in group)
+
+    def _release(self, items: list[Prepared]) -> None:
+        tokens = [it.key.token for it in items]
+        if tokens:
+            ray.get(self.queue.release.remote(tokens, "drained"))
+            self._forget(tokens)
+
+    def _forget(self, tokens: Any) -> None:
+        with self._held_lock:
+            for token in tokens:
+                self._held.pop(token, None)
+
+    # ------------------------------------------------------------------ shards
+    def _job_settings(self, job_id: str) -> dict[str, Any]:
+        if job_id not in self._settings:
+            spec = ray.get(self.queue.job_spec.remote(job_id))
+            self._settings[job_id] = spec.settings
+            self._outputs[job_id] = JobOutput(
+                spec.settings["output_path"], job_id, spec.settings.get("output_format", "parquet")
+            )
+        return self._settings[job_id]
+
+    def _writer_loop(self) -> None:
+        while True:
+            stop = self._writer_stop.is_set()
+            if not stop:
+                self._flush_now.wait(0.05)
+            flush_all = stop or self._flush_now.is_set()
+            self._flush_now.clear()
+            with self._pending_lock:
+                ready = [
+                    (job_id, self._pending.pop(job_id))
+                    for job_id, p in list(self._pending.items())
+                    if p.rows and (flush_all or self._due(job_id, p))
+                ]
+            for job_id, pending in ready:
+                self._commit(job_id, pending)
+            if stop:
+                with self._pending_lock:
+                    if not any(p.rows for p in self._pending.values()):
+                        return
+
+    def _due(self, job_id: str, pending: _Pending) -> bool:
+        settings = self._settings[job_id]
+        if len(pending.rows) >= settings.get("rows_per_shard", 1000):
+            return True
+        return time.monotonic() - pending.since >= settings.get("max_shard_age_s", 30.0)
+
+    def _commit(self, job_id: str, pending: _Pending) -> None:
+        """Declare, write, fsync; the queue publishes and completes, or refuses if our leases
+        are gone (then nothing is visible and the items belong to whoever holds them now)."""
+        output = self._outputs[job_id]
+        try:
+            declared = ray.get(
+                self.queue.declare_shard.remote(job_id, pending.tokens, self.worker_id)
+            )
+            lost = {r.token for r in declared.refused}
+            keep = [i for i, t in enumerate(pending.tokens) if t not in lost]
+            rows = [pending.rows[i] for i in keep]
+            if not rows:
+                ray.get(self.queue.abort_shard.remote(job_id, declared.n))
+                return
+            table = results_table(rows)
+            try:
+                nbytes = output.write_table(table, declared.tmp_path)
+            except (OSError, InferenceError) as exc:
+                ray.get(self.queue.abort_shard.remote(job_id, declared.n))
+                tokens = [pending.tokens[i] for i in keep]
+                logger.error("shard write failed job=%s: %s", job_id, exc)
+                ray.get(self.queue.fail.remote(tokens, "transient", "output_error", str(exc)))
+                return
+            result = ray.get(
+                self.queue.commit_shard.remote(
+                    job_id,
+                    declared.n,
+                    len(rows),
+                    nbytes,
+                    {
+                        "prompt_tokens": pending.prompt_tokens,
+                        "completion_tokens": pending.completion_tokens,
+                        "busy_s": pending.busy_s,
+                    },
+                )
+            )
+            if result.committed:
+                self._counters["shards"] += 1
+            else:
+                logger.warning("shard %s/%d refused: %s", job_id, declared.n, result.reason)
+        finally:
+            self._forget(pending.tokens)
