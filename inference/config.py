@@ -61,6 +61,13 @@ class BatchingConfig(_Section):
     max_wait_ms: int = Field(
         20, ge=0, le=60_000, description="Longest wait for a fuller batch before running a partial."
     )
+    pack_items: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Put this many short chat items into one prompt with numbered answers "
+        "(classification-style jobs); unparsable answers fall back to one item per prompt.",
+    )
     prefetch_batches: int = Field(
         2, ge=1, le=16, description="Batches a worker keeps leased ahead of the engine."
     )
@@ -133,12 +140,43 @@ class InputConfig(_Section):
 
 
 class ApiConfig(_Section):
+    host: str = Field(
+        "127.0.0.1", description="Address `inference serve` binds; non-loopback needs tokens."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="Port `inference serve` listens on.")
     tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens.")
+    state_dir: str | None = Field(
+        None,
+        description="Folder of the Controller's job registry and file store (on the head node); "
+        "default: the folder of the queue database.",
+    )
     max_body_bytes: int = Field(50_000_000, ge=1024, description="Largest request body.")
     max_items_per_request: int = Field(10_000, ge=1, description="Items in one enqueue call.")
     max_backlog_items: int = Field(
         10_000_000, ge=1, description="Pending items above which enqueues get 429."
     )
+    max_tokens: int = Field(
+        32_768, ge=1, description="Largest max_tokens (or max_completion_tokens) of one item."
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Largest n (choices) of one item.")
+    max_batch_lines: int = Field(
+        50_000, ge=1, description="Most requests in one uploaded batch file (OpenAI's limit)."
+    )
+    max_wait_s: float = Field(
+        60.0, ge=0, le=3600, description="Longest wait_s of a request waiting for an item."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (exact origins; '*' is refused). Empty: no CORS.",
+    )
+
+    @model_validator(mode="after")
+    def _check_api(self) -> ApiConfig:
+        if any(origin.strip() == "*" or "*" in origin for origin in self.cors_origins):
+            raise ValueError("cors_origins: wildcard origins are refused; list exact origins")
+        if any(not token or len(token) < 16 for token in self.tokens):
+            raise ValueError("tokens: every token must have at least 16 characters")
+        return self
 
 
 class Config(BaseModel):

@@ -103,6 +103,7 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
             "output_format": config.output.format,
             "rows_per_shard": config.output.rows_per_shard,
             "max_shard_age_s": config.output.max_shard_age_s,
+            "pack_items": config.batching.pack_items,
             "model": config.engine.model,
             "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
         },

@@ -27,9 +27,10 @@ from typing import Any
 
 import ray
 
-from inference.batching import Batcher, run_isolated
+from inference.batching import Batcher
 from inference.config import Config
 from inference.engines import Prepared, make_engine
+from inference.packing import run_packed
 from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
@@ -159,7 +160,7 @@ class InferenceWorker:
 
     def _run_batch(self, batch: list[Prepared]) -> None:
         start = time.monotonic()
-        results = run_isolated(self.engine, batch)
+        results = run_packed(self.engine, batch, self._pack_size)
         elapsed = time.monotonic() - start
         self._counters["batches"] += 1
         self._counters["items"] += len(batch)
@@ -265,6 +266,7 @@ class InferenceWorker:
                 continue
             p.key = item
             p.extra["leased_at"] = now
+            p.extra["job"] = item.job_id
             prepared.append(p)
         if refused:
             self._fail(refused)
@@ -308,6 +310,9 @@ class InferenceWorker:
                 spec.settings["output_path"], job_id, spec.settings.get("output_format", "parquet")
             )
         return self._settings[job_id]
+
+    def _pack_size(self, item: Prepared) -> int:
+        return int(self._settings[item.extra["job"]].get("pack_items", 1))
 
     def _writer_loop(self) -> None:
         while True:

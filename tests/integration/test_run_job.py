@@ -147,3 +147,20 @@ def test_bad_items_dead_letter_without_hurting_good_ones(
     codes = {e["custom_id"]: e["error_code"] for e in errors}
     assert codes == {"too-long": "context_length_exceeded", "tools": "unsupported"}
     assert all(e["error_kind"] == "permanent" and e["message"] for e in errors)
+
+
+def test_packed_job_completes_every_item_once(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """pack_items on the tiny random model: its answers never parse, so every pack falls back
+    to one item per prompt, and still every item ends in the output exactly once."""
+    from inference.runner import run_job
+
+    lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()[:30]
+    path = tmp_path / "pack.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    config = _config(tmp_path, queue_db, batching={"pack_items": 4})
+    summary = run_job(path, config, job_id="packed-test")
+    assert (summary.done, summary.dead) == (30, 0)
+    ids = read_results(summary.output).column("custom_id").to_pylist()
+    assert sorted(ids) == sorted(_ids(path))
