@@ -75,17 +75,17 @@ def run_packed(
     engine: Engine, batch: list[Prepared], pack_size: Callable[[Prepared], int]
 ) -> list[Result | ItemError]:
     """Run a batch, packing the items whose job asks for it; the rest run as they are."""
-    groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, float, float, int | None, str], list[int]] = defaultdict(list)
     singles: list[int] = []
     for i, item in enumerate(batch):
         k = pack_size(item)
         if k > 1 and _packable(item):
             r = item.request
-            groups[(k, r.temperature, r.top_p, r.seed, item.extra.get("job"))].append(i)
+            groups[(k, r.temperature, r.top_p, r.seed, str(item.extra.get("job")))].append(i)
         else:
             singles.append(i)
     packs: list[tuple[list[int], Prepared]] = []
-    for (k, *_), indices in groups.items():
+    for (k, *_rest), indices in groups.items():
         for start in range(0, len(indices), k):
             chunk = indices[start : start + k]
             if len(chunk) == 1:

@@ -30,8 +30,8 @@ import ray
 from inference.batching import Batcher
 from inference.config import Config
 from inference.engines import Prepared, make_engine
-from inference.packing import run_packed
 from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
+from inference.packing import run_packed
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
 from inference.schema import Result, decode_payload

@@ -3,11 +3,11 @@ CPU) and tests/gpu (vLLM and transformers on CUDA), so both engines are held to 
 
 from __future__ import annotations
 
+import pytest
+
 from inference.engines.base import Engine
 from inference.errors import ItemError, PermanentError
 from inference.schema import Request, Result
-
-import pytest
 
 
 def chat(text: str, **kw: object) -> Request:
