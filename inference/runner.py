@@ -16,7 +16,7 @@ import ray
 
 from inference.cluster import cluster_slots, connect
 from inference.config import Config
-from inference.errors import InferenceError, InputError
+from inference.errors import InferenceError, InputError, OutputError
 from inference.inputs import InputProblem, InputRecord, read_input
 from inference.pool import WorkerPool
 from inference.progress import Progress, Tracker
@@ -170,7 +170,14 @@ def run_job(
     finally:
         pool.drain()
     final = ray.get(queue.stats.remote(job_id))
-    finalize(queue, output, job_id, final)
+    try:
+        finalize(queue, output, job_id, final)
+    except OSError as exc:
+        codes = _dead_codes(queue, job_id)
+        raise OutputError(
+            f"job {job_id}: cannot write its results to {output.base}: {exc}"
+            + (f" (dead letters by code: {codes})" if codes else "")
+        ) from exc
     wall_s = time.monotonic() - started
     processed = final["done"] + final["dead"] - before["done"] - before["dead"]
     tokens = (
@@ -200,6 +207,13 @@ def run_job(
     return summary
 
 
+def _dead_codes(queue: Any, job_id: str) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for dead in ray.get(queue.dead_letters.remote(job_id, 10_000, 0)):
+        codes[dead["error_code"]] = codes.get(dead["error_code"], 0) + 1
+    return codes
+
+
 def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
     busy_s = float(stats["busy_s"])
     return {
@@ -214,7 +228,6 @@ def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
 
 def finalize(queue: Any, output: JobOutput, job_id: str, stats: dict[str, Any]) -> None:
     """Write the dead letters to ``errors/`` and the manifest of committed shards."""
-    fs = output.fs
     dead: list[dict[str, Any]] = []
     after = 0
     while True:
@@ -237,9 +250,9 @@ def finalize(queue: Any, output: JobOutput, job_id: str, stats: dict[str, Any]) 
             }
             for d in dead
         ]
-        tmp = error_file + ".tmp"
+        tmp = output.scratch_path("errors") if output.is_local else error_file
         output.write_table(errors_table(rows), tmp)
-        fs.move(tmp, error_file)
+        output.publish(tmp, error_file)
     else:
         output.remove(error_file)
     shards = ray.get(queue.committed_shards.remote(job_id))

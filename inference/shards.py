@@ -17,6 +17,7 @@ commit point. Either way no reader sees a partial shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -83,6 +84,10 @@ class JobOutput:
             return self.data_path(n)
         return f"{self.base}/_tmp/part-{_n(n)}.{uuid.uuid4().hex[:12]}{_SUFFIX[self.format]}.tmp"
 
+    def scratch_path(self, name: str) -> str:
+        """A private file in ``_tmp/`` for local writes that are renamed into place."""
+        return f"{self.base}/_tmp/{name}.{uuid.uuid4().hex[:12]}.tmp"
+
     def errors_path(self, n: int) -> str:
         return f"{self.base}/errors/part-{n:06d}{_SUFFIX[self.format]}"
 
@@ -116,10 +121,15 @@ class JobOutput:
         """Write a whole file and make it durable; returns its size in bytes."""
         self.check_inside(path)
         if self.is_local:
-            with open(path, "wb") as f:
-                _write(table, f, self.format)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(path, "wb") as f:
+                    _write(table, f, self.format)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # a failed write leaves no partial file behind
+                raise
             return os.path.getsize(path)
         with self.fs.open_output_stream(path) as stream:
             _write(table, stream, self.format)

@@ -15,6 +15,7 @@ not finished (no attempt charged) and returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ from inference.batching import Batcher
 from inference.config import Config
 from inference.engines import Prepared, make_engine
 from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
+from inference.faults import fault
 from inference.packing import run_packed
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
@@ -355,14 +357,18 @@ class InferenceWorker:
                 ray.get(self.queue.abort_shard.remote(job_id, declared.n))
                 return
             table = results_table(rows)
+            fault("before_write")
             try:
                 nbytes = output.write_table(table, declared.tmp_path)
             except (OSError, InferenceError) as exc:
+                with contextlib.suppress(OSError):
+                    output.remove(declared.tmp_path)  # never leave a partial file behind
                 ray.get(self.queue.abort_shard.remote(job_id, declared.n))
                 tokens = [pending.tokens[i] for i in keep]
                 logger.error("shard write failed job=%s: %s", job_id, exc)
                 ray.get(self.queue.fail.remote(tokens, "transient", "output_error", str(exc)))
                 return
+            fault("after_write")
             result = ray.get(
                 self.queue.commit_shard.remote(
                     job_id,
