@@ -31,8 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 def make_items(count: int, folder: Path) -> Path:
     raw = folder / "chat-raw.jsonl"
     subprocess.run(
-        [sys.executable, str(REPO / "examples/make_examples.py"), "--kind", "chat",
-         "--count", str(count), "--out", str(raw)],
+        [
+            sys.executable,
+            str(REPO / "examples/make_examples.py"),
+            "--kind",
+            "chat",
+            "--count",
+            str(count),
+            "--out",
+            str(raw),
+        ],
         check=True,
     )
     greedy = folder / "chat.jsonl"
@@ -54,21 +62,24 @@ def _requests(path: Path) -> list:
     return out
 
 
+ENGINE = {"kind": "transformers", "model": "tiny-llama", "device": "cpu"}
+
+
 def _engine(threads: int = 1):
     from inference.config import BatchingConfig, EngineConfig
     from inference.engines import make_engine
 
-    return make_engine(EngineConfig(model="tiny-llama", device="cpu", threads=threads),
-                       BatchingConfig())
+    return make_engine(EngineConfig(**ENGINE, threads=threads), BatchingConfig())
 
 
-def _raw_worker(path: str, index: int, workers: int, out: mp.Queue) -> None:
+def _raw_worker(path: str, index: int, workers: int, out: mp.Queue, engine_config: dict) -> None:
     """One worker's share, run as the worker runs it: a window of prefetched items, batches
     taken from it by the batch policy, the window refilled as batches leave."""
     from inference.batching import take_batch
     from inference.config import BatchingConfig
 
     policy = BatchingConfig()
+    ENGINE.update(engine_config)
     engine = _engine()
     requests = _requests(Path(path))[index::workers]
     window = policy.max_batch_size * policy.prefetch_batches
@@ -80,7 +91,7 @@ def _raw_worker(path: str, index: int, workers: int, out: mp.Queue) -> None:
         batch, pending = take_batch(pending, policy.max_batch_size, policy.max_batch_tokens)
         for result in engine.run(batch):
             tokens += result.prompt_tokens + result.completion_tokens  # type: ignore[union-attr]
-        refill = requests[next_index:next_index + len(batch)]
+        refill = requests[next_index : next_index + len(batch)]
         next_index += len(refill)
         pending += [engine.prepare(r) for r in refill]
     out.put((len(requests), tokens, time.perf_counter() - start))
@@ -89,8 +100,10 @@ def _raw_worker(path: str, index: int, workers: int, out: mp.Queue) -> None:
 def measure_raw(path: Path, workers: int) -> dict:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_raw_worker, args=(str(path), i, workers, out))
-             for i in range(workers)]
+    procs = [
+        ctx.Process(target=_raw_worker, args=(str(path), i, workers, out, ENGINE))
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     parts = [out.get() for _ in procs]
@@ -113,8 +126,11 @@ def measure_one_at_a_time(path: Path, sample: int, workers: int) -> dict:
         [result] = engine.run([engine.prepare(request)])
         tokens += result.prompt_tokens + result.completion_tokens  # type: ignore[union-attr]
     wall = time.perf_counter() - start
-    return {"items_per_s": workers * len(chosen) / wall,
-            "tokens_per_s": workers * tokens / wall, "sample": len(chosen)}
+    return {
+        "items_per_s": workers * len(chosen) / wall,
+        "tokens_per_s": workers * tokens / wall,
+        "sample": len(chosen),
+    }
 
 
 def measure_system(path: Path, folder: Path, workers: int) -> dict:
@@ -124,8 +140,11 @@ def measure_system(path: Path, folder: Path, workers: int) -> dict:
     from inference.runner import run_job
     from inference.shards import read_results
 
+    gpus = 1 if ENGINE["device"] == "cuda" else 0
     config = load_config(REPO / "configs/tiny-cpu.yaml").with_updates(
-        output={"path": str(folder / "out")}, scaling={"max_workers": workers}
+        output={"path": str(folder / "out")},
+        scaling={"max_workers": workers, "gpus_per_worker": gpus},
+        engine=ENGINE,
     )
     start = time.perf_counter()
     summary = run_job(path, config, job_id="engine-bench")
@@ -135,8 +154,13 @@ def measure_system(path: Path, folder: Path, workers: int) -> dict:
     last = pc.max(table["completed_at"]).as_py()
     span = (last - first).total_seconds()
     tokens = pc.sum(table["prompt_tokens"]).as_py() + pc.sum(table["completion_tokens"]).as_py()
-    return {"items_per_s": table.num_rows / span, "tokens_per_s": tokens / span,
-            "wall_s": wall, "rows": table.num_rows, "dead": summary.dead}
+    return {
+        "items_per_s": table.num_rows / span,
+        "tokens_per_s": tokens / span,
+        "wall_s": wall,
+        "rows": table.num_rows,
+        "dead": summary.dead,
+    }
 
 
 def main() -> None:
@@ -144,7 +168,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--one-at-a-time-sample", type=int, default=300)
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    ENGINE.update(kind=args.engine, model=args.model, device=args.device)
     folder = Path(tempfile.mkdtemp(prefix="eb-", dir="/tmp"))
     path = make_items(args.items, folder)
     raw = measure_raw(path, args.workers)
@@ -156,20 +184,24 @@ def main() -> None:
     os.environ["INFERENCE_RAY_TEMP_DIR"] = str(folder / "ray")
     system = measure_system(path, folder, args.workers)
     print("system", json.dumps(system), flush=True)
-    print(json.dumps({
-        "items": args.items,
-        "workers": args.workers,
-        "raw_items_per_s": round(raw["items_per_s"], 2),
-        "system_items_per_s": round(system["items_per_s"], 2),
-        "one_at_a_time_items_per_s": round(single["items_per_s"], 2),
-        "efficiency": round(system["items_per_s"] / raw["items_per_s"], 3),
-        "batch_gain": round(raw["items_per_s"] / single["items_per_s"], 2),
-        "raw_tokens_per_s": round(raw["tokens_per_s"]),
-        "system_tokens_per_s": round(system["tokens_per_s"]),
-        "one_at_a_time_tokens_per_s": round(single["tokens_per_s"]),
-        "system_wall_s": round(system["wall_s"], 1),
-        "system_dead": system["dead"],
-    }))
+    print(
+        json.dumps(
+            {
+                "items": args.items,
+                "workers": args.workers,
+                "raw_items_per_s": round(raw["items_per_s"], 2),
+                "system_items_per_s": round(system["items_per_s"], 2),
+                "one_at_a_time_items_per_s": round(single["items_per_s"], 2),
+                "efficiency": round(system["items_per_s"] / raw["items_per_s"], 3),
+                "batch_gain": round(raw["items_per_s"] / single["items_per_s"], 2),
+                "raw_tokens_per_s": round(raw["tokens_per_s"]),
+                "system_tokens_per_s": round(system["tokens_per_s"]),
+                "one_at_a_time_tokens_per_s": round(single["tokens_per_s"]),
+                "system_wall_s": round(system["wall_s"], 1),
+                "system_dead": system["dead"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
