@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from inference.config import Config, load_config
+from inference.config import Config, load_config, parse_config
 from inference.errors import ConfigError, InferenceError, InputError
 from inference.progress import Progress as JobProgress
+
+if TYPE_CHECKING:
+    from inference.admin import QueueAccess
 
 app = typer.Typer(
     add_completion=False,
@@ -119,6 +123,183 @@ def run(
         table.add_row(key, str(value))
     Console().print(table)
     print(json.dumps({"summary": summary.as_dict()}))
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default api.host: 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default api.port: 8000).")] = None,
+) -> None:
+    """Serve the HTTP API (OpenAI files and batches, native enqueue) on the Ray cluster it finds."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from inference.api.server import serve as serve_api
+
+    try:
+        serve_api(config, host, port)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def submit(
+    input: Annotated[Path, typer.Argument(help="Input file (inside the project, or shared).")],
+    address: Annotated[
+        str, typer.Option(help="Ray Jobs API of the cluster, e.g. http://HEAD:8265.")
+    ],
+    config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
+    output: Annotated[
+        str | None,
+        typer.Option(help="Output root every node reaches: shared absolute path or URI."),
+    ] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="Job id; the same id resumes.")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="KEY=VALUE for the job (repeatable).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends.")] = False,
+) -> None:
+    """Run `inference run` on a Ray cluster as a Ray job; prints the Ray job id."""
+    from inference.submit import SubmitError, follow_job, plan, submit_job
+
+    pairs = [e.partition("=") for e in env or []]
+    if any(not k or not sep for k, sep, _ in pairs):
+        console.print("[red]error:[/] --env takes KEY=VALUE")
+        raise typer.Exit(2)
+    try:
+        job = plan(
+            input, config, address, output=output, job_id=job_id, env={k: v for k, _, v in pairs}
+        )
+        for note in job.notes:
+            console.print(f"note: {note}")
+        submit_job(job)
+    except SubmitError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    print(f"Ray job: {job.submission_id}")
+    print(f"inference job: {job.job_id} (results in {job.output})")
+    print(f"follow: {job.follow_hint()}")
+    if not follow:
+        return
+    try:
+        status = follow_job(job)
+    except SubmitError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print(f"stopped following; the job goes on ({job.follow_hint()})")
+        raise typer.Exit(130) from None
+    console.print(f"Ray job {job.submission_id}: {status}")
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+OutputOpt = Annotated[
+    Path | None, typer.Option(help="Output root of the job (locates the queue's database).")
+]
+dlq_app = typer.Typer(help="Dead letters: list and redrive.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+OptionalConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The job's config (default: built-in).")
+]
+
+
+def _load_optional(config: Path | None, output: Path | None) -> Config:
+    if config is not None:
+        return _load(config, output)
+    defaults = parse_config({})
+    return defaults.with_updates(output={"path": str(output)}) if output else defaults
+
+
+def _access(config: Path | None, output: Path | None) -> QueueAccess:
+    from inference.admin import QueueAccess
+
+    try:
+        return QueueAccess(_load_optional(config, output))
+    except (ConfigError, InferenceError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def status(
+    job: Annotated[str | None, typer.Argument(help="A job id; all jobs when omitted.")] = None,
+    config: OptionalConfigOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Jobs with their counts, progress, tokens and cost, as a table."""
+    from inference.admin import status_rows
+
+    try:
+        rows = status_rows(_access(config, output), job)
+    except InferenceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table(title="jobs")
+    for key in rows[0] if rows else ["job"]:
+        table.add_column(key, justify="left" if key in ("job", "state") else "right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    # Piped output is read by scripts: never truncate it to a terminal's 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def cancel(
+    job: Annotated[str, typer.Argument(help="The job to cancel.")],
+    config: OptionalConfigOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Stop leasing a job's items; pending ones become dead letters with code `cancelled`."""
+    _access(config, output).call("set_job_state", job, "cancelled")
+    console.print(f"cancelled {job}")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    job: Annotated[str, typer.Argument(help="The job.")],
+    config: OptionalConfigOpt = None,
+    output: OutputOpt = None,
+    limit: Annotated[int, typer.Option(help="Most dead letters to show.")] = 100,
+) -> None:
+    """A job's dead letters with their reasons, one JSON object per line."""
+    for dead in _access(config, output).call("dead_letters", job, limit, 0):
+        print(json.dumps(dead, default=str))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    job: Annotated[str, typer.Argument(help="The job.")],
+    config: OptionalConfigOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Return a job's dead letters to pending with a fresh attempt budget (run the job again,
+    or let a serving cluster's workers, pick them up)."""
+    count = _access(config, output).call("redrive", job)
+    console.print(f"redriven: {count} item(s) of {job}")
+
+
+@app.command()
+def export(
+    job: Annotated[str, typer.Argument(help="The job.")],
+    config: OptionalConfigOpt = None,
+    output: OutputOpt = None,
+    format: Annotated[str, typer.Option("--format", help="Only jsonl (OpenAI batch).")] = "jsonl",
+    to: Annotated[Path, typer.Option("--to", help="Folder for the files.")] = Path("."),
+) -> None:
+    """Write OpenAI batch output and error files (JSONL) from a job's committed results."""
+    from inference.admin import export_jsonl
+
+    if format != "jsonl":
+        console.print("[red]error:[/] --format must be jsonl")
+        raise typer.Exit(2)
+    out, err = export_jsonl(_load_optional(config, output), job, to)
+    console.print(f"wrote {out} and {err}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -109,6 +109,80 @@ class ScalingConfig(_Section):
     cost_per_gpu_hour: float = Field(
         0.0, ge=0, description="Price of one worker-hour (GPU or CPU slot), for cost reports."
     )
+    mode: Literal["fixed", "autoscale"] = Field(
+        "fixed",
+        description="fixed: start the workers up front (max_workers, or one per slot of the "
+        "cluster); autoscale: size the pool from the backlog between min_workers and "
+        "max_workers, asking Ray's autoscaler for the nodes.",
+    )
+    cost_ceiling_per_hour: float | None = Field(
+        None,
+        gt=0,
+        description="Most the pool may cost per hour (workers x cost_per_gpu_hour x "
+        "gpus_per_worker); caps the worker count below max_workers.",
+    )
+    deadline: datetime | None = Field(
+        None,
+        description="The job should be finished by then (ISO 8601; UTC when no offset); the "
+        "scaler sizes for it and reports the job at risk when max_workers cannot make it.",
+    )
+    assumed_tokens_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="Tokens per second one worker is assumed to do until its throughput has "
+        "been measured; 0 starts one worker and measures before sizing the pool.",
+    )
+    cooldown_s: float = Field(
+        60.0,
+        ge=0,
+        description="Least time after any change of the worker count before workers are "
+        "drained again; adding workers is never delayed.",
+    )
+    hysteresis: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Relative band around the current worker count in which the scaler holds: "
+        "it adds workers above count x (1 + hysteresis), drains below count x (1 - hysteresis).",
+    )
+    idle_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds the pool's queue must stay empty before it drains to min_workers "
+        "(0 with min_workers 0 gives the nodes back at once).",
+    )
+    drain_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A draining worker that has not finished what it holds by then hands the "
+        "rest back to the queue (no attempt charged) and exits.",
+    )
+    interval_s: float = Field(
+        5.0, gt=0, le=300, description="How often the scaler looks at the queue, in seconds."
+    )
+
+    @property
+    def worker_cost_per_hour(self) -> float:
+        """Price of one worker for an hour: its GPUs, or one CPU slot for a CPU worker."""
+        share = self.gpus_per_worker if self.gpus_per_worker > 0 else 1.0
+        return self.cost_per_gpu_hour * share
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ScalingConfig:
+        if self.max_workers and self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers})"
+            )
+        if self.mode == "autoscale" and self.max_workers < 1:
+            raise ValueError("max_workers must be set (>= 1) when mode is autoscale")
+        ceiling = self.cost_ceiling_per_hour
+        if ceiling is not None and self.min_workers * self.worker_cost_per_hour > ceiling:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) cost "
+                f"{self.min_workers * self.worker_cost_per_hour:g}/h, over "
+                f"cost_ceiling_per_hour ({ceiling:g})"
+            )
+        return self
 
 
 class ScheduleConfig(_Section):

@@ -143,11 +143,11 @@ def run_job(
     scaling = config.scaling
     workers = scaling.max_workers or cluster_slots(scaling.cpus_per_worker, scaling.gpus_per_worker)
     workers = max(workers, scaling.min_workers, 1)
-    pool = WorkerPool(config, config.engine.model, queue)
     tracker = Tracker(cost_per_hour=scaling.cost_per_gpu_hour)
+    sizing = _PoolSizing(config, queue, job_id, workers)
     expected_new = good - before["total"]
     if expected_new > 0 or before["pending"] + before["leased"] > 0:
-        pool.start(workers)  # workers load their model while the items are enqueued
+        sizing.start()  # workers load their model while the items are enqueued
     try:
         accepted = 0
         for chunk in _chunks(read_input(input_path, config.input, config.engine.model)):
@@ -161,14 +161,10 @@ def run_job(
                 on_progress(progress)
             if remaining == 0:
                 break
-            pool.check(replace=True)
-            if pool.lost > max(10, 3 * workers):
-                raise InferenceError(
-                    f"job {job_id}: {pool.lost} workers lost; last error: {pool.fatal_errors[-1]}"
-                )
+            sizing.step()
             time.sleep(poll_s)
     finally:
-        pool.drain()
+        sizing.close()
     final = ray.get(queue.stats.remote(job_id))
     try:
         finalize(queue, output, job_id, final)
@@ -198,13 +194,68 @@ def run_job(
         wall_s=wall_s,
         items_per_s=processed / wall_s if wall_s else 0.0,
         tokens_per_s=tokens / wall_s if wall_s else 0.0,
-        workers=workers if processed else 0,
-        workers_lost=pool.lost,
+        workers=sizing.peak if processed else 0,
+        workers_lost=sizing.lost,
     )
     output.write_json(output.job_json, {**summary.as_dict(), **_job_fields(final, config)})
     if on_progress:
         on_progress(tracker.update(time.monotonic(), final))
     return summary
+
+
+class _PoolSizing:
+    """The job's workers: a fixed pool (``scaling.mode: fixed``) started up front and kept at
+    size, or the backlog-driven :class:`~inference.autoscale.Autoscaler`."""
+
+    def __init__(self, config: Config, queue: Any, job_id: str, workers: int) -> None:
+        self.job_id = job_id
+        self.workers = workers
+        self.scaling = config.scaling
+        self.autoscaler: Any = None
+        self.pool: WorkerPool | None = None
+        self.deadlines: dict[str, float] = {}
+        self._next_step = 0.0
+        if self.scaling.mode == "autoscale":
+            from inference.autoscale import Autoscaler, deadline_ts
+
+            self.autoscaler = Autoscaler(config, queue, config.engine.model)
+            due = deadline_ts(self.scaling)
+            self.deadlines = {job_id: due} if due is not None else {}
+        else:
+            self.pool = WorkerPool(config, config.engine.model, queue)
+        self.peak = 0
+
+    def start(self) -> None:
+        if self.pool is not None:
+            self.pool.start(self.workers)
+            self.peak = self.workers
+
+    def step(self) -> None:
+        if self.pool is not None:
+            self.pool.check(replace=True)
+            if self.pool.lost > max(10, 3 * self.workers):
+                raise InferenceError(
+                    f"job {self.job_id}: {self.pool.lost} workers lost; last error: "
+                    f"{self.pool.fatal_errors[-1]}"
+                )
+            return
+        now = time.monotonic()
+        if now >= self._next_step:
+            self.autoscaler.step(now, deadlines=self.deadlines)
+            self.peak = max(self.peak, len(self.autoscaler.pool.members))
+            self._next_step = now + self.scaling.interval_s
+        if self.autoscaler.failed:
+            raise InferenceError(f"job {self.job_id}: {self.autoscaler.failed}")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.drain()
+        else:
+            self.autoscaler.close()
+
+    @property
+    def lost(self) -> int:
+        return self.pool.lost if self.pool is not None else int(self.autoscaler.pool.lost)
 
 
 def _dead_codes(queue: Any, job_id: str) -> dict[str, int]:

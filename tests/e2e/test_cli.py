@@ -71,24 +71,40 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
     assert "batching.max_batch_size" in result.stderr
 
 
-def test_run_then_resume_from_the_command_line(tmp_path: Path) -> None:
+def test_run_resume_then_inspect_from_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(_line(f"item-{i}") + "\n" for i in range(40)))
-    args = (
-        "run",
-        str(path),
-        "--config",
-        str(REPO / "configs/tiny-cpu.yaml"),
-        "--output",
-        str(tmp_path / "out"),
-        "--job-id",
-        "cli-job",
-        "--quiet",
+    bad = json.dumps(
+        {
+            "custom_id": "bad",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 99_999},
+        }
     )
+    path.write_text("".join(_line(f"item-{i}") + "\n" for i in range(40)) + bad + "\n")
+    out = str(tmp_path / "out")
+    config = str(REPO / "configs/tiny-cpu.yaml")
+    args = ("run", str(path), "--config", config, "--output", out, "--job-id", "cli-job", "--quiet")
     first = _run(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])["summary"]
-    assert (summary["done"], summary["processed"]) == (40, 40)
+    assert (summary["done"], summary["dead"], summary["processed"]) == (40, 1, 41)
     second = _run(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads(second.stdout.strip().splitlines()[-1])["summary"]["processed"] == 0
+
+    status = _run("status", "cli-job", "--output", out, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "cli-job" in status.stdout and "40" in status.stdout
+    dead = _run("dlq", "list", "cli-job", "--output", out, cwd=tmp_path)
+    [letter] = [json.loads(line) for line in dead.stdout.splitlines()]
+    assert (letter["custom_id"], letter["error_code"]) == ("bad", "context_length_exceeded")
+    exported = _run("export", "cli-job", "--output", out, "--to", str(tmp_path / "x"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    lines = (tmp_path / "x" / "cli-job_output.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in lines) == sorted(
+        f"item-{i}" for i in range(40)
+    )
+    assert json.loads(lines[0])["response"]["status_code"] == 200
+    [error] = (tmp_path / "x" / "cli-job_errors.jsonl").read_text().splitlines()
+    assert json.loads(error)["custom_id"] == "bad"

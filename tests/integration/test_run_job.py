@@ -164,3 +164,26 @@ def test_packed_job_completes_every_item_once(
     assert (summary.done, summary.dead) == (30, 0)
     ids = read_results(summary.output).column("custom_id").to_pylist()
     assert sorted(ids) == sorted(_ids(path))
+
+
+def test_autoscaled_run_completes_and_gives_its_workers_back(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """`scaling.mode: autoscale` in `inference run`: the backlog sizes the pool (Ray's resource
+    request included), and the run ends with no worker left behind."""
+    import ray
+
+    from inference.runner import run_job
+
+    lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()[:40]
+    path = tmp_path / "auto.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    scaling = {"mode": "autoscale", "min_workers": 0, "max_workers": 2, "interval_s": 0.5,
+               "assumed_tokens_per_s": 500, "idle_timeout_s": 0, "target_drain_s": 5}
+    summary = run_job(path, _config(tmp_path, queue_db, scaling=scaling), job_id="auto-test")
+    assert (summary.done, summary.dead) == (40, 0)
+    assert 1 <= summary.workers <= 2
+    assert sorted(read_results(summary.output).column("custom_id").to_pylist()) == sorted(
+        _ids(path))
+    alive = [n for n in ray.util.list_named_actors() if n.startswith("tiny-llama-")]
+    assert alive == []

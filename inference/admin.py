@@ -1,0 +1,97 @@
+"""What the operator commands (`inference status | cancel | dlq | export`) need: the WorkQueue of
+the running cluster (``RAY_ADDRESS``), or, when no cluster runs (an embedded `inference run` has
+ended), the queue's database opened directly. Only one of the two may write at a time: with a
+cluster running, always go through it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from inference.config import Config
+from inference.errors import QueueError
+from inference.export import error_jsonl, output_jsonl
+from inference.shards import JobOutput
+
+
+class QueueAccess:
+    """Calls on the WorkQueue actor, or on the store itself when no cluster runs."""
+
+    def __init__(self, config: Config) -> None:
+        from inference.runner import queue_db_path
+
+        self._actor: Any = None
+        self._store: Any = None
+        if os.environ.get("RAY_ADDRESS"):
+            from inference.cluster import connect
+            from inference.queue.actor import get_queue
+
+            connect()
+            self._actor = get_queue()
+        else:
+            from inference.queue.store import QueueStore
+
+            path = Path(queue_db_path(config, config.output.path))
+            if not path.is_file():
+                raise QueueError(f"no queue database at {path} (set --output or queue.db_path)")
+            self._store = QueueStore(path)
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self._actor is not None:
+            import ray
+
+            return ray.get(getattr(self._actor, method).remote(*args))
+        return getattr(self._store, method)(*args)
+
+    def job_ids(self) -> list[str]:
+        return list(self.call("stats")["jobs"])
+
+
+def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]:
+    jobs = [job_id] if job_id else access.job_ids()
+    rows = []
+    for jid in jobs:
+        stats = access.call("stats", jid)
+        spec = access.call("job_spec", jid)
+        price = float(spec.settings.get("cost_per_gpu_hour", 0.0))
+        settled = stats["done"] + stats["dead"]
+        total = stats["total"] or 1
+        rows.append(
+            {
+                "job": jid,
+                "state": "completed"
+                if settled == stats["total"] and stats["total"]
+                else stats["state"],
+                "done %": f"{100.0 * settled / total:.1f}",
+                "done": stats["done"],
+                "dead": stats["dead"],
+                "pending": stats["pending"],
+                "leased": stats["leased"],
+                "tokens": stats["prompt_tokens"] + stats["completion_tokens"],
+                "busy s": f"{stats['busy_s']:.1f}",
+                "cost": f"{stats['busy_s'] / 3600.0 * price:.4f}",
+            }
+        )
+    return rows
+
+
+def export_jsonl(config: Config, job_id: str, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<job>_output.jsonl`` and ``<job>_errors.jsonl`` (OpenAI batch line format)."""
+    job_dir = JobOutput(config.output.path, job_id, config.output.format).base
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, chunks in (("output", output_jsonl(job_dir)), ("errors", error_jsonl(job_dir))):
+        path = out_dir / f"{job_id}_{name}.jsonl"
+        _write_chunks(path, chunks)
+        written.append(path)
+    return written[0], written[1]
+
+
+def _write_chunks(path: Path, chunks: Iterator[bytes]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    tmp.replace(path)

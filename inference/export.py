@@ -1,0 +1,198 @@
+"""A job's results and dead letters as OpenAI batch output and error lines (JSONL).
+
+Output line (one per completed item)::
+
+    {"id": "batch_req_...", "custom_id": "doc-17",
+     "response": {"status_code": 200, "request_id": "req_...", "body": {chat.completion ...}},
+     "error": null}
+
+Error line (one per dead letter): a request the model refused gets ``response.status_code`` 400
+(``permanent``) or 500 (``transient`` attempts spent) with an OpenAI error body; an item the batch
+never ran gets ``response: null`` and ``error.code`` ``batch_expired`` or ``batch_cancelled``.
+Ids are derived from the job and ``custom_id``, so exporting twice gives the same lines.
+Reading is streaming, one record batch of one shard at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from inference.schema import ERROR_SCHEMA, RESULT_SCHEMA
+from inference.shards import JobOutput, resolve_fs
+
+_EXPIRED = "This request could not be executed before the completion window expired."
+_CANCELLED = "This request was not executed because the batch was cancelled."
+
+
+def _hash_id(prefix: str, *parts: str) -> str:
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+    return f"{prefix}{digest}"
+
+
+def _timestamp(value: Any) -> int:
+    return int(value.timestamp()) if isinstance(value, datetime) else int(value or 0)
+
+
+def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
+    """The OpenAI response body of one result row: a chat.completion, a text_completion or an
+    embedding list. Without ``endpoint`` the row decides (an embedding, else chat)."""
+    if endpoint is None:
+        endpoint = "/v1/embeddings" if row.get("embedding") is not None else "/v1/chat/completions"
+    prompt = int(row.get("prompt_tokens") or 0)
+    completion = int(row.get("completion_tokens") or 0)
+    created = _timestamp(row.get("completed_at"))
+    model = row.get("model") or ""
+    key = (str(row["job_id"]), str(row["custom_id"]))
+    if endpoint == "/v1/embeddings":
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": row.get("embedding") or []}],
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    finish = row.get("finish_reason") or "stop"
+    text = row.get("output_text") or ""
+    if endpoint == "/v1/completions":
+        return {
+            "id": _hash_id("cmpl-", *key),
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage,
+        }
+    return {
+        "id": _hash_id("chatcmpl-", *key),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def output_line(row: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
+    key = (str(row["job_id"]), str(row["custom_id"]))
+    return {
+        "id": _hash_id("batch_req_", *key),
+        "custom_id": row["custom_id"],
+        "response": {
+            "status_code": 200,
+            "request_id": _hash_id("req_", *key),
+            "body": response_body(row, endpoint),
+        },
+        "error": None,
+    }
+
+
+def error_line(dead: dict[str, Any], end_reason: str | None = None) -> dict[str, Any]:
+    """The error line of a dead letter; ``end_reason`` (``expired``/``cancelled``) tells what an
+    item cancelled before it ran stands for."""
+    key = (str(dead["job_id"]), str(dead["custom_id"]))
+    line: dict[str, Any] = {
+        "id": _hash_id("batch_req_", *key),
+        "custom_id": dead["custom_id"],
+        "response": None,
+        "error": None,
+    }
+    code = dead.get("error_code") or "error"
+    if code == "cancelled":
+        expired = end_reason == "expired"
+        line["error"] = {
+            "code": "batch_expired" if expired else "batch_cancelled",
+            "message": _EXPIRED if expired else _CANCELLED,
+        }
+        return line
+    permanent = dead.get("error_kind") == "permanent"
+    line["response"] = {
+        "status_code": 400 if permanent else 500,
+        "request_id": _hash_id("req_", *key),
+        "body": {
+            "error": {
+                "message": dead.get("message") or code,
+                "type": "invalid_request_error" if permanent else "server_error",
+                "param": None,
+                "code": code,
+            }
+        },
+    }
+    return line
+
+
+def _files(job_dir: str, errors: bool) -> tuple[pafs.FileSystem, list[str]]:
+    fs, base, _ = resolve_fs(job_dir)
+    manifest = f"{base}/_manifest.json"
+    if not errors and fs.get_file_info(manifest).type == pafs.FileType.File:
+        with fs.open_input_stream(manifest) as f:
+            return fs, [f"{base}/{s['file']}" for s in json.loads(f.read())["shards"]]
+    selector = pafs.FileSelector(f"{base}/{'errors' if errors else 'data'}", allow_not_found=True)
+    return fs, sorted(
+        info.path
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.path.endswith((".parquet", ".arrow"))
+    )
+
+
+def iter_rows(job_dir: str, *, errors: bool = False) -> Iterator[dict[str, Any]]:
+    """Rows of a job's committed shards (the manifest's, where there is one), or of its dead
+    letters, one record batch in memory at a time."""
+    fs, files = _files(job_dir, errors)
+    schema = ERROR_SCHEMA if errors else RESULT_SCHEMA
+    for file in files:
+        fmt = "ipc" if file.endswith(".arrow") else "parquet"
+        dataset = pads.dataset(file, filesystem=fs, format=fmt, schema=schema)
+        for batch in dataset.to_batches(batch_size=2048):
+            yield from batch.to_pylist()
+
+
+def _jsonl(lines: Iterator[dict[str, Any]], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    buffer: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = json.dumps(line, separators=(",", ":")).encode() + b"\n"
+        buffer.append(data)
+        size += len(data)
+        if size >= chunk_bytes:
+            yield b"".join(buffer)
+            buffer, size = [], 0
+    if buffer:
+        yield b"".join(buffer)
+
+
+def output_jsonl(job_dir: str, endpoint: str | None = None) -> Iterator[bytes]:
+    """The OpenAI output file of a job, in chunks of about 1 MB."""
+    return _jsonl(output_line(row, endpoint) for row in iter_rows(job_dir))
+
+
+def error_jsonl(job_dir: str, end_reason: str | None = None) -> Iterator[bytes]:
+    """The OpenAI error file of a job (its dead letters), in chunks of about 1 MB."""
+    return _jsonl(error_line(row, end_reason) for row in iter_rows(job_dir, errors=True))
+
+
+def find_result(output: JobOutput, path: str, custom_id: str) -> dict[str, Any] | None:
+    """The result row of one item in its committed shard file ``path``."""
+    output.check_inside(path)
+    fmt = "ipc" if path.endswith(".arrow") else "parquet"
+    dataset = pads.dataset(path, filesystem=output.fs, format=fmt, schema=RESULT_SCHEMA)
+    rows = dataset.to_table(filter=pc.field("custom_id") == custom_id).to_pylist()
+    return rows[0] if rows else None
