@@ -184,7 +184,7 @@ def run_job(
     )
     summary = RunSummary(
         job_id=job_id,
-        output=output.base,
+        output=output.uri,
         total=final["total"],
         done=final["done"],
         dead=final["dead"],

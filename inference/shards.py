@@ -18,6 +18,7 @@ commit point. Either way no reader sees a partial shard.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import uuid
@@ -62,17 +63,30 @@ class JobOutput:
         if self.format not in _SUFFIX:
             raise OutputError(f"output format must be parquet or arrow, not {self.format!r}")
 
+    @functools.cached_property
+    def _resolved(self) -> tuple[pafs.FileSystem, str, bool]:
+        return resolve_fs(self.root)  # one filesystem client per JobOutput, not per call
+
     @property
     def fs(self) -> pafs.FileSystem:
-        return resolve_fs(self.root)[0]
+        return self._resolved[0]
 
     @property
     def is_local(self) -> bool:
-        return resolve_fs(self.root)[2]
+        return self._resolved[2]
 
     @property
     def base(self) -> str:
-        return f"{resolve_fs(self.root)[1]}/{self.job_id}"
+        return f"{self._resolved[1]}/{self.job_id}"
+
+    @property
+    def uri(self) -> str:
+        """The job folder as users address it: a local path, or the root URI (with its query
+        options) extended by the job id."""
+        if self.is_local:
+            return self.base
+        root, _, query = self.root.partition("?")
+        return f"{root.rstrip('/')}/{self.job_id}" + (f"?{query}" if query else "")
 
     def data_path(self, n: int | str) -> str:
         return f"{self.base}/data/part-{_n(n)}{_SUFFIX[self.format]}"
@@ -105,7 +119,7 @@ class JobOutput:
         if ".." in Path(path).parts or not path.startswith(base + "/"):
             raise OutputError(f"path {path!r} is outside the job folder {base!r}")
         if self.is_local:
-            real_root = os.path.realpath(resolve_fs(self.root)[1])
+            real_root = os.path.realpath(self._resolved[1])
             parent = os.path.realpath(os.path.dirname(path))
             if parent != real_root and not parent.startswith(real_root + os.sep):
                 raise OutputError(f"path {path!r} leads out of the output root via a symlink")

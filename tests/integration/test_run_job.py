@@ -178,12 +178,62 @@ def test_autoscaled_run_completes_and_gives_its_workers_back(
     lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()[:40]
     path = tmp_path / "auto.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    scaling = {"mode": "autoscale", "min_workers": 0, "max_workers": 2, "interval_s": 0.5,
-               "assumed_tokens_per_s": 500, "idle_timeout_s": 0, "target_drain_s": 5}
+    scaling = {
+        "mode": "autoscale",
+        "min_workers": 0,
+        "max_workers": 2,
+        "interval_s": 0.5,
+        "assumed_tokens_per_s": 500,
+        "idle_timeout_s": 0,
+        "target_drain_s": 5,
+    }
     summary = run_job(path, _config(tmp_path, queue_db, scaling=scaling), job_id="auto-test")
     assert (summary.done, summary.dead) == (40, 0)
     assert 1 <= summary.workers <= 2
     assert sorted(read_results(summary.output).column("custom_id").to_pylist()) == sorted(
-        _ids(path))
+        _ids(path)
+    )
     alive = [n for n in ray.util.list_named_actors() if n.startswith("tiny-llama-")]
     assert alive == []
+
+
+def test_output_to_an_object_store_counts_only_manifest_shards(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """An S3 output (a local moto server speaks the S3 protocol): no rename exists there, so
+    shards are written once under their final name and the queue's manifest decides what
+    counts; the reader honours it."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from inference.runner import run_job
+    from inference.shards import read_results as read
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        root = (
+            f"s3://key:secret@bucket/out?endpoint_override={host}:{port}&scheme=http"
+            f"&region=us-east-1"
+        )
+        fs, _ = pafs.FileSystem.from_uri(root + "&allow_bucket_creation=true")
+        fs.create_dir("bucket")
+        lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()[:25]
+        path = tmp_path / "s3.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        config = load_config(REPO / "configs/tiny-cpu.yaml").with_updates(
+            output={"path": root, "rows_per_shard": 10}, queue={"db_path": str(queue_db)}
+        )
+        summary = run_job(path, config, job_id="s3-test")
+        assert summary.output.startswith("s3://") and "/out/s3-test?" in summary.output
+        # A stray file in data/ (a write whose commit never happened) must not count.
+        stray = read(summary.output).slice(0, 1)
+        import pyarrow.parquet as pq
+
+        with fs.open_output_stream("bucket/out/s3-test/data/part-999999.parquet") as f:
+            pq.write_table(stray, f)
+        ids = read(summary.output).column("custom_id").to_pylist()
+        assert sorted(ids) == sorted(_ids(path))
+    finally:
+        server.stop()
