@@ -15,9 +15,23 @@ from inference.shards import JobOutput, read_results, results_table
 
 def rows(*ids: str) -> list[dict]:
     now = datetime.now(UTC)
-    return [{"job_id": "j", "custom_id": i, "output_text": f"text {i}", "embedding": None,
-             "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 2, "model": "m",
-             "attempts": 1, "worker": "w", "latency_ms": 1.5, "completed_at": now} for i in ids]
+    return [
+        {
+            "job_id": "j",
+            "custom_id": i,
+            "output_text": f"text {i}",
+            "embedding": None,
+            "finish_reason": "stop",
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "model": "m",
+            "attempts": 1,
+            "worker": "w",
+            "latency_ms": 1.5,
+            "completed_at": now,
+        }
+        for i in ids
+    ]
 
 
 @pytest.mark.parametrize("job_id", ["..", "../escape", "/abs", "a/b", "", "x" * 200])
