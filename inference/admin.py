@@ -48,9 +48,30 @@ class QueueAccess:
     def job_ids(self) -> list[str]:
         return list(self.call("stats")["jobs"])
 
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """The Controller's progress (rates, ETA) by job, when a cluster with one runs."""
+        if self._actor is None:
+            return {}
+        import ray
+
+        from inference.queue.actor import NAMESPACE
+
+        try:
+            controller = ray.get_actor("Controller", namespace=NAMESPACE)
+            natives: list[dict[str, Any]] = ray.get(controller.jobs.remote(100, None), timeout=10)[
+                0
+            ]
+            batches: list[dict[str, Any]] = ray.get(
+                controller.batches.remote(100, None), timeout=10
+            )[0]
+        except Exception:  # no Controller (an `inference run` job): counts only
+            return {}
+        return {r["id"]: r["progress"] for r in [*natives, *batches] if r.get("progress")}
+
 
 def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]:
     jobs = [job_id] if job_id else access.job_ids()
+    progress = access.progress()
     rows = []
     for jid in jobs:
         stats = access.call("stats", jid)
@@ -72,9 +93,36 @@ def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]
                 "tokens": stats["prompt_tokens"] + stats["completion_tokens"],
                 "busy s": f"{stats['busy_s']:.1f}",
                 "cost": f"{stats['busy_s'] / 3600.0 * price:.4f}",
+                **_live_columns(stats, progress.get(jid), price),
             }
         )
     return rows
+
+
+def _live_columns(
+    stats: dict[str, Any], progress: dict[str, Any] | None, price: float
+) -> dict[str, str]:
+    """Throughput, ETA and cost to finish: rates from the Controller when a cluster runs."""
+    from inference.metrics import job_cost
+
+    _, to_finish = job_cost(stats, price)
+    remaining = stats["pending"] + stats["leased"]
+    eta = progress.get("eta_s") if progress and remaining else (0.0 if not remaining else None)
+    return {
+        "items/s": f"{progress['items_per_s']:.2f}" if progress else "-",
+        "tokens/s": f"{progress['tokens_per_s']:.1f}" if progress else "-",
+        "eta": "-" if eta is None else _duration(eta),
+        "to finish": "-" if to_finish is None else f"{to_finish:.4f}",
+    }
+
+
+def _duration(s: float) -> str:
+    s = round(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def export_jsonl(config: Config, job_id: str, out_dir: Path) -> tuple[Path, Path]:

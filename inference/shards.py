@@ -195,7 +195,8 @@ class JobOutput:
 
 
 def _n(n: int | str) -> str:
-    return f"{n:06d}" if isinstance(n, int) else n
+    """Shard numbers are six digits; a ``{n}`` template (filled in by the queue) gets the same."""
+    return f"{n:06d}" if isinstance(n, int) else n.replace("{n}", "{n:06d}")
 
 
 def _write(table: pa.Table, sink: Any, fmt: str) -> None:

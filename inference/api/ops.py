@@ -1,0 +1,163 @@
+"""``/healthz`` and ``/metrics`` (Prometheus text format, rendered here: no global registry).
+
+Metrics now: queue items by job and state, pending items by priority, jobs by kind and status,
+workers and lost workers per pool, the backlog and its drain rate, and HTTP requests by route and
+status. Issue 8 adds throughput, tokens, cost and batch figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from inference import metrics as job_metrics
+
+from .dashboard import observe
+from .state import ServerState
+
+router = APIRouter(tags=["operations"])
+Family = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+
+
+@router.get("/healthz", summary="Liveness of the server, the WorkQueue and the Controller")
+async def healthz(request: Request) -> JSONResponse:
+    state: ServerState = request.app.state.inference
+    checks: dict[str, Any] = {}
+    for name, handle in (("queue", state.queue), ("controller", state.controller)):
+        try:
+            await asyncio.wait_for(handle.ping.remote(), 5)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    if ok:
+        try:
+            snapshot = await state.refresh()
+            checks["pool_errors"] = snapshot.get("pool_errors", {})
+            checks["loop_alive"] = snapshot.get("loop_alive", False)
+            ok = bool(checks["loop_alive"])
+        except Exception as exc:
+            checks["snapshot"] = f"unavailable: {type(exc).__name__}"
+            ok = False
+    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.inference
+    obs = await observe(request)  # the dashboard's figures: progress, cost, workers
+    families = _families(obs.stats, obs.snapshot, state) + job_metrics.families(
+        obs.stats, obs.progress(), obs.workers, obs.cost_per_gpu_hour
+    )
+    return Response(job_metrics.render(families), media_type="text/plain; version=0.0.4")
+
+
+def _families(
+    stats: dict[str, dict[str, Any]], snapshot: dict[str, Any], state: ServerState
+) -> list[Family]:
+    items = [
+        ({"job": job_id, "state": s}, float(st[s]))
+        for job_id, st in stats.items()
+        for s in ("pending", "leased", "done", "dead")
+    ]
+    by_state: dict[str, float] = defaultdict(float)
+    by_priority: dict[str, float] = defaultdict(float)
+    for st in stats.values():
+        for s in ("pending", "leased", "done", "dead"):
+            by_state[s] += st[s]
+        for priority, n in st["pending_by_priority"].items():
+            by_priority[str(priority)] += n
+    jobs = []
+    for key, n in snapshot.get("jobs", {}).items():
+        kind, _, status = key.partition(":")
+        jobs.append(({"kind": kind, "status": status}, float(n)))
+    pools = snapshot.get("pools", {})
+    return [
+        ("inference_queue_items", "gauge", "Items by job and state.", items),
+        (
+            "inference_queue_depth",
+            "gauge",
+            "Items of every job by state.",
+            [({"state": s}, n) for s, n in by_state.items()],
+        ),
+        (
+            "inference_queue_pending_by_priority",
+            "gauge",
+            "Pending items by priority class.",
+            [({"priority": p}, n) for p, n in by_priority.items()],
+        ),
+        ("inference_jobs", "gauge", "Controller jobs by kind and status.", jobs),
+        (
+            "inference_workers",
+            "gauge",
+            "Workers running per engine pool.",
+            [({"pool": p}, float(v["workers"])) for p, v in pools.items()],
+        ),
+        (
+            "inference_workers_lost_total",
+            "counter",
+            "Workers lost (and replaced) per engine pool since the Controller started.",
+            [({"pool": p}, float(v["lost"])) for p, v in pools.items()],
+        ),
+        (
+            "inference_backlog_items",
+            "gauge",
+            "Pending items of active jobs.",
+            [({}, float(snapshot.get("backlog", 0)))],
+        ),
+        (
+            "inference_settled_items_per_second",
+            "gauge",
+            "Items completed or dead-lettered per second (smoothed).",
+            [({}, float(snapshot.get("items_per_s", 0.0)))],
+        ),
+        (
+            "inference_enqueue_requests_total",
+            "counter",
+            "Enqueue requests served (their items shared queue calls when they overlapped).",
+            [({}, float(state.coalescer.requests))],
+        ),
+        (
+            "inference_enqueue_queue_calls_total",
+            "counter",
+            "WorkQueue.enqueue calls made for those requests.",
+            [({}, float(state.coalescer.calls))],
+        ),
+        (
+            "inference_http_requests_total",
+            "counter",
+            "HTTP requests by method, route and status.",
+            [
+                ({"method": m, "route": r, "status": str(c)}, float(n))
+                for (m, r, c), n in state.requests.items()
+            ],
+        ),
+    ]
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(families: list[Family]) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+                lines.append(f"{name}{{{inner}}} {value}")
+            else:
+                lines.append(f"{name} {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,738 @@
+"""The Controller: one detached Ray actor per cluster that owns the jobs it was given.
+
+It keeps the job registry (OpenAI batches and native jobs, with their configs), drives each job
+through its lifecycle, keeps a :class:`~inference.pool.WorkerPool` per engine pool that has work,
+and finalizes settled jobs (errors shard, manifest, ``job.json``, and for a batch its OpenAI output
+and error files). The HTTP server and the CLI call it; neither holds any of this logic.
+
+Lifecycle (``status``)::
+
+    validating -> running -> finalizing -> completed        (a batch: checked, then enqueued)
+    validating -> failed                                    (a batch file with bad lines)
+    queued -> running -> finalizing -> completed -> running (a native job takes items any time)
+    any active -> cancelling -> cancelled                   (pending items dead-letter: cancelled)
+    queued/running -> expiring -> expired                   (completion window passed)
+
+What must survive a restart lives in SQLite next to the queue database (``controller.sqlite``:
+the registry, and the ids of the workers started, whose leases a restarted Controller hands back
+at once); a record is written before the call that made it is acknowledged. Everything else
+(pools, rates) is rebuilt by the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from inference.api.batch_input import batch_items, check_batch_file
+from inference.api.filestore import FileStore
+from inference.api.http_errors import ApiError, not_found
+from inference.cluster import cluster_slots
+from inference.config import Config, ScalingConfig
+from inference.export import error_jsonl, output_jsonl
+from inference.metrics import record_ray as record_ray_metrics
+from inference.pool import WorkerPool
+from inference.progress import Tracker
+from inference.queue.actor import NAMESPACE, get_queue
+from inference.runner import finalize, job_spec
+from inference.schema import CUSTOM_ID, URL_TASKS
+from inference.shards import JobOutput
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "Controller"
+TICK_S = 1.0
+IDLE_GRACE_S = 15.0  # keep an idle pool this long before draining it (issue 7: the scaler)
+ACTIVE = ("validating", "queued", "running", "finalizing", "cancelling", "expiring")
+FINAL = ("completed", "failed", "cancelled", "expired")
+_WINDOW = re.compile(r"^([1-9]\d{0,6})([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_s(text: str) -> int:
+    """Seconds of a completion window such as ``24h`` (OpenAI's), ``90m`` or ``30s``."""
+    match = _WINDOW.match(text)
+    if not match or not 1 <= int(match[1]) * _UNITS[match[2]] <= 30 * 86400:
+        raise ApiError(
+            400,
+            f"completion_window must be a duration such as '24h' (1s to 30d), got {text!r}",
+            "completion_window",
+            "invalid_completion_window",
+        )
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def desired_workers(
+    scaling: ScalingConfig, backlog: int, slots: int, have: int, idle_s: float
+) -> int:
+    """Workers a pool should have: the cluster's slots (or ``max_workers``) while it has work,
+    ``min_workers`` once it has been idle for ``IDLE_GRACE_S``. Issue 7 replaces this."""
+    if backlog > 0:
+        return max(scaling.max_workers or slots, scaling.min_workers, 1)
+    if idle_s < IDLE_GRACE_S:
+        return max(have, scaling.min_workers)
+    return scaling.min_workers
+
+
+class Registry:
+    """The Controller's durable state: job records (JSON documents) and started workers."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS jobs(seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " job_id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, doc TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS workers(worker_id TEXT PRIMARY KEY, pool TEXT NOT NULL,"
+            " started_at REAL NOT NULL);"
+        )
+        self._lock = threading.Lock()
+
+    def load(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, doc FROM jobs ORDER BY seq").fetchall()
+        return [{**json.loads(doc), "seq": seq} for seq, doc in rows]
+
+    def save(self, rec: dict[str, Any]) -> None:
+        doc = json.dumps({k: v for k, v in rec.items() if k not in ("seq", "stats")})
+        with self._lock:
+            row = self._db.execute(
+                "INSERT INTO jobs(job_id, kind, doc) VALUES (?, ?, ?) ON CONFLICT(job_id)"
+                " DO UPDATE SET doc = excluded.doc RETURNING seq",
+                (rec["id"], rec["kind"], doc),
+            ).fetchone()
+        rec["seq"] = row[0]
+
+    def add_workers(self, pool: str, worker_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO workers VALUES (?, ?, ?)",
+                [(w, pool, time.time()) for w in worker_ids],
+            )
+
+    def remove_workers(self, worker_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "DELETE FROM workers WHERE worker_id = ?", [(w,) for w in worker_ids]
+            )
+
+    def workers(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT worker_id FROM workers")]
+
+
+class Controller:
+    """Job registry and lifecycle, worker pools, finalization. Runs as a threaded Ray actor:
+    API calls on Ray's threads, the control loop on its own thread, one lock over the records."""
+
+    def __init__(self, state_dir: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.state_dir = Path(state_dir)
+        self._queue = get_queue()
+        self._registry = Registry(self.state_dir / "controller.sqlite")
+        self._files = FileStore(self.state_dir / "files")
+        self._lock = threading.RLock()
+        self._jobs: dict[str, dict[str, Any]] = {r["id"]: r for r in self._registry.load()}
+        self._trackers: dict[str, Tracker] = {}
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._pools: dict[str, WorkerPool] = {}
+        self._idle_since: dict[str, float] = {}
+        self._backlog = 0
+        self._settled = (0.0, 0)  # (time, done + dead of every job) for the drain rate
+        self._items_per_s = 0.0
+        self._pool_errors: dict[str, str] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._release_lost_workers()
+        self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
+        self._thread.start()
+        logger.info("Controller ready state=%s jobs=%d", self.state_dir, len(self._jobs))
+
+    # ------------------------------------------------------------------ liveness
+    def ping(self) -> str:
+        return str(self.state_dir)
+
+    def wake(self) -> None:
+        """Run the loop now (new work arrived)."""
+        self._wake.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cheap figures for the server: backlog, drain rate, pools, job statuses."""
+        with self._lock:
+            statuses: dict[str, int] = {}
+            for rec in self._jobs.values():
+                key = f"{rec['kind']}:{rec['status']}"
+                statuses[key] = statuses.get(key, 0) + 1
+            return {
+                "backlog": self._backlog,
+                "items_per_s": self._items_per_s,
+                "jobs": statuses,
+                "pools": {
+                    name: {"workers": len(p.members), "lost": p.lost}
+                    for name, p in self._pools.items()
+                },
+                "pool_errors": dict(self._pool_errors),
+                "loop_alive": self._thread.is_alive(),
+            }
+
+    def shutdown(self) -> None:
+        """Stop the loop and drain every pool (tests, and a planned stop)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        for name, pool in list(self._pools.items()):
+            ids = list(pool.members)
+            pool.drain()
+            self._registry.remove_workers(ids)
+            del self._pools[name]
+
+    # ------------------------------------------------------------------ records
+    def _new_record(self, kind: str, job_id: str, config: dict[str, Any], **fields: Any) -> dict:
+        now = int(time.time())
+        rec: dict[str, Any] = {
+            "id": job_id,
+            "kind": kind,
+            "status": "validating" if kind == "batch" else "queued",
+            "created_at": now,
+            "config": config,
+            "times": {},
+            "expires_at": None,
+            "end_reason": None,
+            "metadata": None,
+            **fields,
+        }
+        if rec.get("completion_window"):
+            rec["expires_at"] = now + window_s(rec["completion_window"])
+        return rec
+
+    def _set(
+        self, rec: dict[str, Any], status: str, stamp: str | None = None, expect: str | None = None
+    ) -> bool:
+        """Move a record to ``status`` (stamping ``<stamp>_at``) and persist it. With
+        ``expect``, only from that status (an API call may have moved it meanwhile)."""
+        with self._lock:
+            if expect is not None and rec["status"] != expect:
+                return False
+            rec["status"] = status
+            if stamp:
+                rec["times"][f"{stamp}_at"] = int(time.time())
+            self._registry.save(rec)
+            if status in FINAL and (rec["kind"] == "batch" or status != "completed"):
+                self._trackers.pop(rec["id"], None)  # it never moves again
+        logger.info("job %s job=%s status=%s", rec["kind"], rec["id"], status)
+        return True
+
+    def _view(self, rec: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+        """A copy of a record for callers: its last queue stats (fresh ones on request) and
+        progress, without the config."""
+        with self._lock:
+            out = {k: v for k, v in rec.items() if k != "config"}
+            out["times"] = dict(rec["times"])
+            out["progress"] = self._progress.get(rec["id"])
+        if fresh and out["status"] not in ("validating", "failed"):
+            # No queue job yet, or the queue is restarting: the last known stats stand.
+            with contextlib.suppress(Exception):
+                out["stats"] = ray.get(self._queue.stats.remote(rec["id"]), timeout=10)
+        return out
+
+    def _record(self, job_id: str, kind: str) -> dict[str, Any]:
+        rec = self._jobs.get(job_id)
+        if rec is None or rec["kind"] != kind:
+            raise not_found("batch" if kind == "batch" else "job", job_id)
+        return rec
+
+    def _page(self, kind: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
+        with self._lock:
+            recs = sorted(
+                (r for r in self._jobs.values() if r["kind"] == kind),
+                key=lambda r: r["seq"],
+                reverse=True,
+            )
+        if after:
+            anchor = self._jobs.get(after)
+            if anchor is None or anchor["kind"] != kind:
+                raise not_found(kind, after, "after")
+            recs = [r for r in recs if r["seq"] < anchor["seq"]]
+        return [self._view(r) for r in recs[:limit]], len(recs) > limit
+
+    # ------------------------------------------------------------------ native jobs
+    def create_job(
+        self,
+        job_id: str | None,
+        config: dict[str, Any],
+        output_root: str,
+        metadata: dict[str, str] | None = None,
+        completion_window: str | None = None,
+    ) -> dict[str, Any]:
+        """Register a native job and create it in the WorkQueue; items come later."""
+        job_id = job_id or f"job_{uuid.uuid4().hex[:24]}"
+        if not CUSTOM_ID.match(job_id):
+            raise ApiError(400, f"job_id must match {CUSTOM_ID.pattern}", "job_id", "invalid_id")
+        with self._lock:
+            if job_id in self._jobs:
+                raise ApiError(409, f"job {job_id!r} exists already", "job_id", "job_exists")
+            rec = self._new_record(
+                "native",
+                job_id,
+                config,
+                output_root=output_root,
+                metadata=metadata,
+                completion_window=completion_window,
+            )
+            spec = job_spec(Config.model_validate(config), job_id, output_root)
+            if not ray.get(self._queue.create_job.remote(spec)):
+                raise ApiError(409, f"job {job_id!r} exists in the queue", "job_id", "job_exists")
+            self._jobs[job_id] = rec
+            self._registry.save(rec)
+        logger.info("native job created job=%s", job_id)
+        return self._view(rec)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._view(self._record(job_id, "native"), fresh=True)
+
+    def jobs(self, limit: int = 20, after: str | None = None) -> tuple[list[dict], bool]:
+        return self._page("native", limit, after)
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._cancel(self._record(job_id, "native"))
+
+    def job_brief(self, job_id: str) -> dict[str, Any] | None:
+        """What the server needs before enqueueing: kind, status (no queue round trip)."""
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            return None
+        return {
+            "kind": rec["kind"],
+            "status": rec["status"],
+            "end_reason": rec["end_reason"],
+            "pool": rec["config"]["engine"]["model"],
+        }
+
+    # ------------------------------------------------------------------ OpenAI batches
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        config: dict[str, Any],
+        output_root: str,
+    ) -> dict[str, Any]:
+        """Register a batch (status ``validating``); the loop checks its file and enqueues it."""
+        doc = self._files.get(input_file_id)
+        if doc is None:
+            raise not_found("file", input_file_id, "input_file_id")
+        if doc["purpose"] != "batch":
+            raise ApiError(
+                400,
+                f"file {input_file_id} has purpose {doc['purpose']!r}; a batch needs 'batch'",
+                "input_file_id",
+                "invalid_file_purpose",
+            )
+        if endpoint not in URL_TASKS:
+            raise ApiError(
+                400,
+                f"endpoint must be one of {', '.join(URL_TASKS)}, got {endpoint!r}",
+                "endpoint",
+                "unsupported_endpoint",
+            )
+        batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+        rec = self._new_record(
+            "batch",
+            batch_id,
+            config,
+            output_root=output_root,
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            output_file_id=None,
+            error_file_id=None,
+            errors=None,
+            model=None,
+        )
+        with self._lock:
+            self._jobs[batch_id] = rec
+            self._registry.save(rec)
+        logger.info("batch created batch=%s file=%s", batch_id, input_file_id)
+        self._wake.set()
+        return self._view(rec)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._view(self._record(batch_id, "batch"), fresh=True)
+
+    def batches(self, limit: int = 20, after: str | None = None) -> tuple[list[dict], bool]:
+        return self._page("batch", limit, after)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._cancel(self._record(batch_id, "batch"))
+
+    def _cancel(self, rec: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if rec["status"] in ("cancelling", "cancelled"):
+                return self._view(rec)
+            if rec["status"] in FINAL or rec["status"] in ("finalizing", "expiring"):
+                raise ApiError(
+                    409,
+                    f"{rec['id']} is {rec['status']}; it cannot be cancelled",
+                    None,
+                    "not_cancellable",
+                )
+            rec["end_reason"] = "cancelled"
+            was_validating = rec["status"] == "validating"
+            self._set(rec, "cancelling", "cancelling")
+        if not was_validating:  # a validating batch is cancelled in the queue once enqueued
+            ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+        self._wake.set()
+        return self._view(rec)
+
+    # ------------------------------------------------------------------ files
+    def put_file(
+        self, data: bytes, filename: str, purpose: str, expires_at: int | None = None
+    ) -> dict[str, Any]:
+        if purpose != "batch":
+            raise ApiError(
+                400, f"purpose must be 'batch', got {purpose!r}", "purpose", "invalid_purpose"
+            )
+        if not filename.endswith(".jsonl"):
+            raise ApiError(
+                400,
+                "Invalid file format for Batch API. Must be .jsonl",
+                "file",
+                "invalid_file_format",
+            )
+        return self._files.put([data], filename=filename, purpose=purpose, expires_at=expires_at)
+
+    def file(self, file_id: str) -> dict[str, Any]:
+        doc = self._files.get(file_id)
+        if doc is None:
+            raise not_found("file", file_id)
+        return doc
+
+    def files(
+        self, purpose: str | None, limit: int, after: str | None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        return self._files.list(purpose, limit, after)
+
+    def read_file(self, file_id: str, offset: int, size: int) -> bytes:
+        self.file(file_id)
+        return self._files.read(file_id, offset, size)
+
+    def delete_file(self, file_id: str) -> bool:
+        if not self._files.delete(file_id):
+            raise not_found("file", file_id)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:
+                logger.exception("controller tick failed")
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        stats: dict[str, dict[str, Any]] = ray.get(self._queue.stats.remote(), timeout=60)["jobs"]
+        now = time.monotonic()
+        with self._lock:
+            for rec in self._jobs.values():
+                if rec["id"] in stats:
+                    rec["stats"] = stats[rec["id"]]
+            watched = [
+                r
+                for r in self._jobs.values()
+                if r["status"] in ACTIVE or (r["kind"] == "native" and r["status"] == "completed")
+            ]
+        for rec in watched:
+            st = stats.get(rec["id"])
+            if st is not None:
+                tracker = self._trackers.get(rec["id"]) or self._trackers.setdefault(
+                    rec["id"],
+                    Tracker(cost_per_hour=rec["config"]["scaling"]["cost_per_gpu_hour"]),
+                )
+                progress = tracker.update(now, st, finalizing=rec["status"] == "finalizing")
+                self._progress[rec["id"]] = progress.as_dict()
+            try:
+                self._advance(rec, stats.get(rec["id"]))
+            except Exception:
+                logger.exception("job %s: cannot advance from %s", rec["id"], rec["status"])
+        self._measure(stats, now)
+        record_ray_metrics(stats, self._progress, self._jobs)
+        self._size_pools(stats, now)
+
+    def _measure(self, stats: dict[str, dict[str, Any]], now: float) -> None:
+        self._backlog = sum(s["pending"] for s in stats.values() if s["state"] == "active")
+        settled = sum(s["done"] + s["dead"] for s in stats.values())
+        t0, n0 = self._settled
+        if t0 and now > t0:
+            rate = max(0.0, (settled - n0) / (now - t0))
+            self._items_per_s = 0.8 * self._items_per_s + 0.2 * rate
+        self._settled = (now, settled)
+
+    def _advance(self, rec: dict[str, Any], st: dict[str, Any] | None) -> None:
+        status = rec["status"]
+        if status == "validating":
+            self._start_batch(rec)
+            return
+        if st is None:
+            if status == "cancelling":  # cancelled before it reached the queue
+                self._set(rec, "cancelled", "cancelled")
+            return
+        settled = st["pending"] + st["leased"] == 0
+        if status in ("queued", "running", "completed"):
+            expires_at = rec.get("expires_at")
+            if expires_at and time.time() >= expires_at and not settled:
+                with self._lock:
+                    if rec["status"] != status:
+                        return
+                    rec["end_reason"] = "expired"
+                    self._set(rec, "expiring")
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+                return
+            if st["total"] == 0:
+                return
+            if not settled:
+                if status != "running":
+                    started = rec["times"].get("in_progress_at")
+                    self._set(rec, "running", None if started else "in_progress", expect=status)
+                return
+            if status == "completed" and rec.get("finalized_total") == st["total"]:
+                return
+            if not self._set(rec, "finalizing", "finalizing", expect=status):
+                return
+            status = "finalizing"
+        if status == "finalizing" and settled:
+            self._finalize(rec, st, "completed")
+        elif status == "cancelling" and settled:
+            self._finalize(rec, st, "cancelled")
+        elif status == "expiring" and settled:
+            self._finalize(rec, st, "expired")
+
+    def _start_batch(self, rec: dict[str, Any]) -> None:
+        """Check the batch's file as OpenAI does; when it is clean, create the job in the queue
+        and enqueue every line (idempotent, so a restart mid-way just enqueues again)."""
+        config = Config.model_validate(rec["config"])
+        path = self._files.path(rec["input_file_id"])
+        if not path.is_file():
+            rec["errors"] = {
+                "object": "list",
+                "data": [
+                    {
+                        "code": "file_not_found",
+                        "message": f"input file {rec['input_file_id']} no longer exists",
+                        "param": "input_file_id",
+                        "line": None,
+                    }
+                ],
+            }
+            self._set(rec, "failed", "failed")
+            return
+        check = check_batch_file(path, rec["endpoint"], config.api)
+        if check.errors:
+            rec["errors"] = {"object": "list", "data": check.errors}
+            self._set(rec, "failed", "failed")
+            logger.info("batch %s failed validation: %d error(s)", rec["id"], check.error_count)
+            return
+        spec = job_spec(config, rec["id"], rec["output_root"])
+        ray.get(self._queue.create_job.remote(spec))
+        for chunk in batch_items(path, rec["endpoint"], config.api):
+            ray.get(self._queue.enqueue.remote(rec["id"], chunk))
+        rec["model"] = check.model
+        with self._lock:
+            cancelled = rec["status"] == "cancelling"
+            if not cancelled:
+                self._set(rec, "running", "in_progress")
+        if cancelled:
+            ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+        self._wake.set()
+
+    def _finalize(self, rec: dict[str, Any], st: dict[str, Any], final: str) -> None:
+        """Errors shard, manifest and job.json; for a batch, its output and error files."""
+        config = Config.model_validate(rec["config"])
+        job_id = rec["id"]
+        output = JobOutput(rec["output_root"], job_id, config.output.format)
+        finalize(self._queue, output, job_id, st)
+        output.write_json(output.job_json, _job_summary(rec, st, config, final))
+        if rec["kind"] == "batch":
+            key = job_id.removeprefix("batch_")  # produced files get ids derived from the batch
+            rec["output_file_id"] = self._put_output(
+                f"file-{key}o", f"{job_id}_output.jsonl", output_jsonl(output.base, rec["endpoint"])
+            )
+            rec["error_file_id"] = self._put_output(
+                f"file-{key}e", f"{job_id}_error.jsonl", error_jsonl(output.base, rec["end_reason"])
+            )
+        rec["finalized_total"] = st["total"]
+        self._set(rec, final, final)
+
+    def _put_output(self, file_id: str, filename: str, chunks: Iterator[bytes]) -> str | None:
+        first = next(chunks, None)
+        if first is None:
+            self._files.delete(file_id)
+            return None
+        self._files.put(
+            itertools.chain([first], chunks),
+            filename=filename,
+            purpose="batch_output",
+            file_id=file_id,
+        )
+        return file_id
+
+    # ------------------------------------------------------------------ worker pools
+    def _size_pools(self, stats: dict[str, dict[str, Any]], now: float) -> None:
+        backlog: dict[str, int] = {}
+        configs: dict[str, Config] = {}
+        with self._lock:
+            recs = list(self._jobs.values())
+        for rec in recs:
+            st = stats.get(rec["id"])
+            if st is None or st["pending"] + st["leased"] == 0:
+                continue
+            pool = st["pool"]
+            if pool not in configs:
+                configs[pool] = Config.model_validate(rec["config"])
+            runnable = st["state"] == "active" and st.get("not_before", 0.0) <= time.time()
+            waiting = st["pending"] if runnable else 0
+            backlog[pool] = backlog.get(pool, 0) + waiting + st["leased"]
+        for name in set(self._pools) | {p for p, n in backlog.items() if n > 0}:
+            self._size_pool(name, backlog.get(name, 0), configs.get(name), now)
+
+    def _size_pool(self, name: str, backlog: int, config: Config | None, now: float) -> None:
+        pool = self._pools.get(name)
+        if pool is not None:
+            healthy = pool.lost <= 3 * max(1, len(pool.members)) + 10
+            if not healthy and name not in self._pool_errors:
+                self._pool_errors[name] = pool.fatal_errors[-1] if pool.fatal_errors else "lost"
+                logger.error("pool %s: too many workers lost; not replacing them", name)
+            before = set(pool.members)
+            ended = pool.check(replace=healthy)
+            if ended:
+                self._registry.remove_workers(ended)
+                self._registry.add_workers(name, sorted(set(pool.members) - before))
+            config = config or pool.config
+        if config is None:
+            return
+        if backlog > 0:
+            self._idle_since.pop(name, None)
+        idle_s = now - self._idle_since.setdefault(name, now) if backlog == 0 else 0.0
+        have = len(pool.members) if pool else 0
+        s = config.scaling
+        slots = cluster_slots(s.cpus_per_worker, s.gpus_per_worker) if backlog else 0
+        want = desired_workers(s, backlog, slots, have, idle_s)
+        if want > have and name not in self._pool_errors:
+            if pool is None:
+                pool = self._pools[name] = WorkerPool(config, name, self._queue)
+            before = set(pool.members)
+            pool.start(want - have)
+            self._registry.add_workers(name, sorted(set(pool.members) - before))
+            logger.info("pool %s: %d -> %d workers (backlog %d)", name, have, want, backlog)
+        elif want == 0 and pool is not None:
+            ids = list(pool.members)
+            pool.drain()
+            self._registry.remove_workers(ids)
+            del self._pools[name]
+            self._pool_errors.pop(name, None)
+            logger.info("pool %s: idle, drained %d workers", name, len(ids))
+
+    def _release_lost_workers(self) -> None:
+        """Workers of a previous incarnation die with it: make sure they are gone (one may
+        still be leasing until Ray notices its owner died), then hand their leases back now
+        rather than after the lease period (an attempt is charged, as for any lost worker)."""
+        worker_ids = self._registry.workers()
+        survivors = []
+        for worker_id in worker_ids:
+            with contextlib.suppress(ValueError):  # not alive: the usual case
+                handle = ray.get_actor(worker_id, namespace=NAMESPACE)
+                ray.kill(handle, no_restart=True)
+                survivors.append(handle)
+        deadline = time.monotonic() + 30
+        for handle in survivors:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(handle.pid.remote(), timeout=2)
+                except ray.exceptions.RayActorError:
+                    break  # dead: it leases nothing more
+                except ray.exceptions.GetTimeoutError:
+                    continue
+                time.sleep(0.1)
+        for worker_id in worker_ids:
+            released = ray.get(self._queue.release_worker.remote(worker_id, "worker_lost"))
+            logger.info("released leases of lost worker=%s items=%d", worker_id, released)
+        self._registry.remove_workers(worker_ids)
+
+
+def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final: str) -> dict:
+    busy_s = float(st.get("busy_s", 0.0))
+    return {
+        "job_id": rec["id"],
+        "kind": rec["kind"],
+        "state": final,
+        "total": st["total"],
+        "done": st["done"],
+        "dead": st["dead"],
+        "prompt_tokens": st["prompt_tokens"],
+        "completion_tokens": st["completion_tokens"],
+        "busy_s": busy_s,
+        "cost": busy_s / 3600.0 * config.scaling.cost_per_gpu_hour,
+        "model": config.engine.model,
+        "lease_expiries": st["lease_expiries"],
+        "created_at": datetime.fromtimestamp(rec["created_at"], UTC).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def get_or_create_controller(state_dir: str | Path) -> Any:
+    """The cluster's Controller actor, created on the head node (where its state lives) when it
+    does not exist yet. The WorkQueue must exist first."""
+    head = _head_node_id()
+    actor_cls = ray.remote(Controller)
+    handle: Any = actor_cls.options(
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=32,
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head, soft=False),
+    ).remote(str(state_dir))
+    running = ray.get(handle.ping.remote())
+    if running != str(state_dir):
+        logger.warning(
+            "the cluster's Controller keeps its state in %s, not in %s as this config says",
+            running,
+            state_dir,
+        )
+    return handle
+
+
+def get_controller() -> Any:
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise ApiError(503, "no Controller runs on this Ray cluster") from None
+
+
+def _head_node_id() -> str:
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,159 @@
+"""``inference serve`` in a subprocess with its own embedded Ray, killed (SIGKILL) mid-batch and
+started again on the same state: nothing it acknowledged is lost, nothing is done twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+
+INFERENCE = str(Path(sys.executable).with_name("inference"))
+TOKEN = "serve-token-0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of one session: the server and every Ray process its embedded cluster started
+    (a SIGKILLed driver leaves some of them behind)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == sid:
+                pids.append(int(entry.name))
+    return pids
+
+
+@contextmanager
+def serve(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    ray_tmp = tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # Ray's socket paths stay short
+    env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": ray_tmp, "INFERENCE_API_TOKENS": TOKEN}
+    env.pop("RAY_ADDRESS", None)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [INFERENCE, "serve", "--config", str(config), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in _session_pids(proc.pid):  # what a killed driver left behind
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _line(cid: str) -> str:
+    return json.dumps(
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": f"say {cid}"}],
+                "max_tokens": 32,
+            },
+        }
+    )
+
+
+@pytest.mark.timeout(420)
+def test_serve_killed_mid_batch_loses_nothing_it_acknowledged(tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "engine: {kind: transformers, model: tiny-llama, device: cpu}\n"
+        "batching: {max_batch_size: 16}\n"
+        "queue: {lease_s: 30, backoff_base_s: 0.1}\n"
+        f"output: {{path: {tmp_path / 'out'}, rows_per_shard: 20, max_shard_age_s: 0.5}}\n"
+        "scaling: {max_workers: 1}\n"
+    )
+    port, log = _free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    ids = [f"r-{i}" for i in range(120)]
+    (tmp_path / "in.jsonl").write_text("".join(_line(cid) + "\n" for cid in ids))
+    native = [
+        {"custom_id": f"n-{i}", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 4}}
+        for i in range(30)
+    ]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    with serve(config, port, log) as proc:
+        client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
+        uploaded = client.files.create(file=(tmp_path / "in.jsonl").open("rb"), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert httpx.post(f"{url}/v1/jobs", json={"job_id": "keep"}, headers=headers).is_success
+        reply = httpx.post(f"{url}/v1/jobs/keep/items", json={"items": native}, headers=headers)
+        assert reply.json()["accepted"] == 30
+        deadline = time.monotonic() + 120
+        while client.batches.retrieve(batch.id).request_counts.completed == 0:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # mid-batch: leases out, shards being written
+        proc.wait()
+
+    with serve(config, port, log):
+        client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
+        deadline = time.monotonic() + 240
+        while (now := client.batches.retrieve(batch.id)).status != "completed":
+            assert now.status in ("in_progress", "finalizing"), now
+            assert time.monotonic() < deadline, (now, log.read_text()[-3000:])
+            time.sleep(0.5)
+        assert now.request_counts.completed == len(ids) and now.request_counts.failed == 0
+        lines = [json.loads(x) for x in client.files.content(now.output_file_id).text.splitlines()]
+        assert sorted(line["custom_id"] for line in lines) == sorted(ids)  # each exactly once
+        assert client.files.retrieve(uploaded.id).filename == "in.jsonl"
+        job = httpx.get(f"{url}/v1/jobs/keep", headers=headers).json()
+        while job["status"] != "completed":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+            job = httpx.get(f"{url}/v1/jobs/keep", headers=headers).json()
+        assert job["request_counts"]["completed"] == 30
