@@ -27,12 +27,16 @@ def main() -> None:
     parser.add_argument("--format", default="parquet", choices=["parquet", "arrow"])
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE,
-             _temp_dir=str(folder / "ray"), log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        _temp_dir=str(folder / "ray"),
+        log_to_driver=False,
+    )
     queue = get_or_create_queue(folder / "queue.sqlite")
     job = "shard-bench"
-    spec = JobSpec(job, settings={"output_path": str(folder / "out"),
-                                  "output_format": args.format})
+    spec = JobSpec(job, settings={"output_path": str(folder / "out"), "output_format": args.format})
     ray.get(queue.create_job.remote(spec))
     for start in range(0, args.rows, 5000):
         chunk = [NewItem(f"r{i}", "{}") for i in range(start, min(start + 5000, args.rows))]
@@ -47,11 +51,23 @@ def main() -> None:
         if not leased:
             break
         now = datetime.now(UTC)
-        rows = [{"job_id": job, "custom_id": it.item_id,
-                 "output_text": " ".join(rng.choices(words, k=40)), "embedding": None,
-                 "finish_reason": "length", "prompt_tokens": 120, "completion_tokens": 40,
-                 "model": "tiny-llama", "attempts": 1, "worker": "bench",
-                 "latency_ms": 12.5, "completed_at": now} for it in leased]
+        rows = [
+            {
+                "job_id": job,
+                "custom_id": it.item_id,
+                "output_text": " ".join(rng.choices(words, k=40)),
+                "embedding": None,
+                "finish_reason": "length",
+                "prompt_tokens": 120,
+                "completion_tokens": 40,
+                "model": "tiny-llama",
+                "attempts": 1,
+                "worker": "bench",
+                "latency_ms": 12.5,
+                "completed_at": now,
+            }
+            for it in leased
+        ]
         tokens = [it.token for it in leased]
         declared = ray.get(queue.declare_shard.remote(job, tokens, "bench"))
         nbytes = output.write_table(results_table(rows), declared.tmp_path)
@@ -61,14 +77,18 @@ def main() -> None:
         rows_done += len(rows)
     wall = time.perf_counter() - start
     ray.shutdown()
-    print(json.dumps({
-        "format": args.format,
-        "rows": rows_done,
-        "rows_per_shard": args.rows_per_shard,
-        "committed_rows_per_s": round(rows_done / wall),
-        "committed_mb_per_s": round(written / wall / 1e6, 2),
-        "bytes_per_row": round(written / rows_done, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "format": args.format,
+                "rows": rows_done,
+                "rows_per_shard": args.rows_per_shard,
+                "committed_rows_per_s": round(rows_done / wall),
+                "committed_mb_per_s": round(written / wall / 1e6, 2),
+                "bytes_per_row": round(written / rows_done, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

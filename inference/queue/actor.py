@@ -4,6 +4,9 @@ coordinates shard commits (see :mod:`inference.shards`).
 
 The actor runs one call at a time, so a check of lease tokens, the rename that publishes a shard
 and the transaction that completes its items cannot interleave with a lease of the same items.
+
+Batches cross the process boundary as :class:`~inference.queue.records.Packed` lists (one blob
+instead of one pickle per element); callers may pass plain lists too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from inference.errors import OutputError, QueueError
+from inference.errors import OutputError, QueueError, StorageError
+from inference.faults import fault
 from inference.queue.store import (
     EnqueueResult,
     JobSpec,
@@ -52,15 +56,16 @@ class CommitResult:
 
 
 def _fault(step: str) -> None:
-    """Crash the process at a named step of the commit protocol, when a test asks for it
-    through ``INFERENCE_FAULT=<step>``. Off unless that variable is set."""
-    if os.environ.get("INFERENCE_FAULT") == step:
-        logger.error("fault injection: exiting at %s", step)
-        os._exit(17)
+    """A crash-test injection point of the commit protocol (see :mod:`inference.faults`)."""
+    fault(step)
 
 
 class WorkQueue:
-    """Durable work queue with leases, fencing, retries and dead letters."""
+    """Durable work queue with leases, fencing, retries and dead letters.
+
+    A plain (single-threaded) actor: one call at a time, so a check of lease tokens and the change
+    that relies on it can never interleave with another call.
+    """
 
     def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -88,6 +93,8 @@ class WorkQueue:
             else:
                 self._store.abort_shard(shard["job_id"], shard["n"])
         for job_id in self._store.job_ids():
+            if "output_path" not in self._store.job_spec(job_id).settings:
+                continue  # its consumers keep results elsewhere (complete() without shards)
             try:
                 self._output(job_id).remove_temporaries()
             except (OSError, OutputError) as exc:
@@ -141,6 +148,11 @@ class WorkQueue:
     def release_worker(self, worker: str, cause: str = "worker_lost") -> int:
         return self._store.release_worker(worker, cause)
 
+    def complete(self, tokens: Sequence[LeaseToken], shard: int | None = None) -> list[Refusal]:
+        """Mark leased items done, fenced (for consumers that keep results elsewhere; shard
+        writers use :meth:`declare_shard` / :meth:`commit_shard`)."""
+        return self._store.complete(tokens, shard)
+
     def fail(
         self, tokens: Sequence[LeaseToken], kind: str, code: str, message: str
     ) -> list[Refusal]:
@@ -161,7 +173,8 @@ class WorkQueue:
         self, job_id: str, n: int, rows: int, nbytes: int, usage: dict[str, float] | None = None
     ) -> CommitResult:
         """Publish a written shard and complete its items, or refuse if any lease is gone
-        (then the temporary file is deleted and nothing becomes visible)."""
+        (then the temporary file is deleted and nothing becomes visible). The check, the rename
+        and the items' transaction follow each other in this one actor turn."""
         shard = self._store.shard(job_id, n)
         if shard["state"] == "committed":  # a retried call after the actor restarted
             return CommitResult(True, [], "already committed")
@@ -181,11 +194,31 @@ class WorkQueue:
             self._store.abort_shard(job_id, n)
             return CommitResult(False, [], f"publish failed: {exc}")
         _fault("after_publish")
-        self._store.commit_shard(
-            job_id, n, rows=rows, nbytes=nbytes, usage=usage, check_leases=False
-        )
+        try:
+            self._store.commit_shard(
+                job_id, n, rows=rows, nbytes=nbytes, usage=usage, check_leases=False
+            )
+        except StorageError as exc:
+            return self._unpublish(output, shard, exc)
         _fault("after_complete")
         return CommitResult(True, [])
+
+    def _unpublish(
+        self, output: JobOutput, shard: dict[str, Any], exc: StorageError
+    ) -> CommitResult:
+        """The items' transaction failed after the rename (disk full, I/O error). Unless the
+        database shows it committed after all, the items are still leased and will be done
+        again: take the shard back, or its rows would be in the output twice. (A crash at this
+        point instead is settled by :meth:`_recover`.)"""
+        job_id, n = shard["job_id"], shard["n"]
+        if self._store.shard(job_id, n)["state"] == "committed":
+            return CommitResult(True, [], f"committed despite: {exc}")
+        logger.error("shard %s/%d: items not completed (%s); unpublishing it", job_id, n, exc)
+        try:
+            output.remove(shard["path"])
+        except (OSError, OutputError) as remove_exc:
+            logger.error("shard %s/%d: cannot unpublish: %s", job_id, n, remove_exc)
+        return CommitResult(False, [], f"queue database failed: {exc}")
 
     def abort_shard(self, job_id: str, n: int) -> None:
         shard = self._store.shard(job_id, n)
@@ -204,11 +237,15 @@ class WorkQueue:
         return self._store.redrive(job_id, item_ids)
 
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
-        self._store.expire_leases()
         return self._store.stats(job_id)
 
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         return self._store.item(job_id, item_id)
+
+    def item_states(
+        self, job_id: str, limit: int = 10_000, after: int = 0
+    ) -> list[tuple[int, str, str]]:
+        return self._store.item_states(job_id, limit, after)
 
     def pid(self) -> int:
         return os.getpid()

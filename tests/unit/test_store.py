@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 
 from inference.errors import QueueError, StorageError
+from inference.queue.fairness import fair_shares, fit_token_budget
+from inference.queue.records import LeasedItem, Packed, Refusal
 from inference.queue.store import JobSpec, NewItem, QueueStore
 
 
@@ -226,15 +234,489 @@ def test_counters_rebuild_after_restart(store: QueueStore, tmp_path: Path, clock
     assert again.rearm_leases() == 1
 
 
+def _lease_one(store: QueueStore, lease_s: float = 5.0) -> LeasedItem:
+    [held] = store.lease("w", 1, lease_s=lease_s)
+    return held
+
+
+# ------------------------------------------------------------------ complete (fenced)
+def test_complete_marks_leased_items_done(store: QueueStore) -> None:
+    store.enqueue("job", items("a", "b"))
+    held = store.lease("w", 2)
+    assert store.complete([h.token for h in held]) == []
+    stats = store.stats("job")
+    assert (stats["done"], stats["leased"], stats["pending"]) == (2, 0, 0)
+    assert store.item("job", "a")["state"] == "done"  # type: ignore[index]
+
+
+def test_complete_with_a_stale_token_is_refused_and_changes_nothing(
+    store: QueueStore, clock: Clock
+) -> None:
+    store.enqueue("job", items("a"))
+    zombie = _lease_one(store)
+    clock.t += 6  # the zombie's lease expires; another worker leases the item
+    fresh = _lease_one(store)
+    [refusal] = store.complete([zombie.token])
+    assert refusal.token == zombie.token and refusal.reason.startswith("stale lease")
+    assert store.item("job", "a")["state"] == "leased"  # type: ignore[index]
+    assert store.complete([fresh.token]) == []
+    [again] = store.complete([fresh.token])
+    assert again.reason == "not leased (state done)"
+    assert store.stats("job")["done"] == 1
+
+
+def test_a_lease_expired_before_the_call_is_refused(store: QueueStore, clock: Clock) -> None:
+    store.enqueue("job", items("a"))
+    held = _lease_one(store, lease_s=5)
+    clock.t += 5.5
+    assert store.complete([held.token])
+    assert store.extend([held.token], 5)
+    assert store.stats("job")["done"] == 0
+    assert store.check_tokens([held.token]).valid == []
+
+
+def test_unknown_token_is_refused(store: QueueStore) -> None:
+    [refusal] = store.complete([(999, 1)])
+    assert refusal.reason == "unknown item"
+
+
+def test_a_malformed_token_is_a_queue_error(store: QueueStore) -> None:
+    with pytest.raises(QueueError, match="pairs of integers"):
+        store.complete([("x", 1)])  # type: ignore[list-item]
+
+
+def test_an_empty_enqueue_accepts_nothing(store: QueueStore) -> None:
+    assert store.enqueue("job", []).accepted == 0
+
+
+def test_complete_records_the_shard(store: QueueStore) -> None:
+    store.enqueue("job", items("a"))
+    store.complete([_lease_one(store).token], shard=7)
+    assert store.item("job", "a")["shard"] == 7  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ leases and clocks
+def test_lease_deadlines_follow_the_queue_clock_not_the_wall(
+    store: QueueStore, clock: Clock, wall: Clock
+) -> None:
+    store.enqueue("job", items("a"))
+    held = _lease_one(store, lease_s=5)
+    wall.t += 3600  # a wall clock jump does not expire a lease
+    assert store.extend([held.token], 5) == []
+    clock.t += 5.1
+    assert store.stats("job")["lease_expiries"] == 1
+
+
+def test_expired_lease_counts_as_an_attempt_with_its_cause(store: QueueStore, clock: Clock) -> None:
+    store.enqueue("job", items("a"))
+    _lease_one(store, lease_s=5)
+    clock.t += 6
+    item = store.item("job", "a")
+    assert item is not None
+    assert (item["state"], item["attempts"]) == ("pending", 1)
+    assert item["attempts_by_cause"] == {"error": 0, "lease_expired": 1, "worker_lost": 0}
+    assert [h["cause"] for h in item["history"]] == ["lease_expired"]
+
+
+def test_leases_out_at_a_restart_expire_a_full_lease_later(
+    store: QueueStore, tmp_path: Path, clock: Clock
+) -> None:
+    store.enqueue("job", items("a", "b"))
+    held = store.lease("w", 2, lease_s=5)
+    store.close()
+    later = Clock()
+    later.t = 50.0  # a new process: its monotonic clock has nothing to do with the old one
+    again = QueueStore(tmp_path / "q.sqlite", clock=later)
+    assert again.rearm_leases() == 2
+    later.t += 4
+    assert again.check_tokens([h.token for h in held]).valid == [h.token for h in held]
+    assert again.stats("job")["leased"] == 2
+    later.t += 2
+    stats = again.stats("job")
+    assert (stats["leased"], stats["pending"], stats["lease_expiries"]) == (0, 2, 2)
+
+
+def test_lease_takes_at_most_max_items_and_nothing_when_empty(store: QueueStore) -> None:
+    assert store.lease("w", 5) == []
+    store.enqueue("job", items("a", "b", "c"))
+    assert len(store.lease("w", 2)) == 2
+    assert len(store.lease("w", 0)) == 0
+    assert [x.item_id for x in store.lease("w", 5)] == ["c"]
+
+
+def test_max_tokens_bounds_a_lease_but_the_first_item_always_goes(store: QueueStore) -> None:
+    store.enqueue("job", [NewItem("big", "{}", 500), NewItem("s1", "{}", 10)])
+    store.enqueue("job", [NewItem("s2", "{}", 10), NewItem("s3", "{}", 10)])
+    assert [x.item_id for x in store.lease("w", 10, max_tokens=100)] == ["big"]
+    assert [x.item_id for x in store.lease("w", 10, max_tokens=25)] == ["s1", "s2"]
+
+
+def test_a_token_budget_is_shared_between_jobs(store: QueueStore) -> None:
+    store.create_job(JobSpec("other"))
+    store.enqueue("job", items(*[f"j{i}" for i in range(10)]))
+    store.enqueue("other", items(*[f"o{i}" for i in range(10)]))
+    leased = store.lease("w", 10, max_tokens=40)  # 4 items of 10 tokens
+    assert sorted(x.job_id for x in leased) == ["job", "job", "other", "other"]
+
+
+def test_lease_s_must_be_positive(store: QueueStore) -> None:
+    with pytest.raises(QueueError, match="lease_s"):
+        store.lease("w", 1, lease_s=0)
+
+
+def test_a_release_for_an_unknown_cause_costs_an_attempt(store: QueueStore) -> None:
+    store.enqueue("job", items("a"))
+    store.release([_lease_one(store).token], "preempted")
+    item = store.item("job", "a")
+    assert item is not None
+    assert (item["attempts"], item["attempts_by_cause"]["worker_lost"]) == (1, 1)
+
+
+def test_release_worker_returns_everything_it_holds(store: QueueStore) -> None:
+    store.enqueue("job", items("a", "b", "c"))
+    store.lease("w1", 2)
+    store.lease("w2", 1)
+    assert store.release_worker("w1") == 2
+    stats = store.stats("job")
+    assert (stats["pending"], stats["leased"]) == (2, 1)
+
+
+# ------------------------------------------------------------------ errors, attempts, dead letters
+def test_an_unknown_error_kind_is_transient(store: QueueStore, wall: Clock) -> None:
+    store.enqueue("job", items("a"))
+    store.fail([_lease_one(store).token], "SomethingNew", "odd", "no one knows")
+    item = store.item("job", "a")
+    assert item is not None
+    assert (item["state"], item["error_kind"], item["retry_at"] is not None) == (
+        "pending",
+        "transient",
+        True,
+    )
+    wall.t += 10
+    assert [x.item_id for x in store.lease("w", 1)] == ["a"]
+
+
+def test_attempts_are_counted_by_cause_and_the_last_one_dead_letters(
+    store: QueueStore, clock: Clock, wall: Clock
+) -> None:
+    store.enqueue("job", items("a"))
+    store.fail([_lease_one(store).token], "transient", "timeout", "slow")  # error
+    wall.t += 10
+    _lease_one(store, lease_s=5)
+    clock.t += 6  # lease_expired
+    store.release_worker("w")  # holds nothing now
+    store.lease("w", 1)
+    assert store.release_worker("w", "worker_lost") == 1  # worker_lost, third attempt
+    [dead] = store.dead_letters("job")
+    assert dead["attempts_by_cause"] == {"error": 1, "lease_expired": 1, "worker_lost": 1}
+    assert (dead["reason"], dead["error_code"], dead["attempts"]) == (
+        "attempts_exhausted",
+        "worker_lost",
+        3,
+    )
+    assert [h["cause"] for h in dead["history"]] == ["error", "lease_expired", "worker_lost"]
+    assert dead["history"][0]["code"] == "timeout"
+    assert store.stats("job")["attempts_by_cause"] == dead["attempts_by_cause"]
+
+
+def test_permanent_dead_letter_keeps_reason_code_and_message(store: QueueStore) -> None:
+    store.enqueue("job", items("a"))
+    store.fail([_lease_one(store).token], "permanent", "too_long", "over the context")
+    [dead] = store.dead_letters("job")
+    assert (dead["reason"], dead["error_code"], dead["message"]) == (
+        "permanent_error",
+        "too_long",
+        "over the context",
+    )
+
+
+def test_dead_letters_page_by_id(store: QueueStore) -> None:
+    store.enqueue("job", items("a", "b", "c"))
+    store.fail([x.token for x in store.lease("w", 3)], "permanent", "bad", "bad")
+    first = store.dead_letters("job", limit=2)
+    rest = store.dead_letters("job", limit=2, after=first[-1]["id"])
+    assert [d["custom_id"] for d in first + rest] == ["a", "b", "c"]
+
+
+def test_redrive_leaves_an_item_completed_meanwhile_completed(store: QueueStore) -> None:
+    store.enqueue("job", items("a", "b"))
+    a, b = store.lease("w", 2)
+    store.fail([a.token], "permanent", "x", "y")
+    store.complete([b.token])
+    assert store.redrive("job", ["a", "b"]) == 1
+    assert store.item("job", "b")["state"] == "done"  # type: ignore[index]
+    stats = store.stats("job")
+    assert (stats["pending"], stats["done"], stats["dead"], stats["total"]) == (1, 1, 0, 2)
+
+
+def test_redrive_keeps_the_history(store: QueueStore) -> None:
+    store.enqueue("job", items("a"))
+    store.fail([_lease_one(store).token], "permanent", "x", "y")
+    store.redrive("job", ["a"])
+    item = store.item("job", "a")
+    assert item is not None
+    assert [h["cause"] for h in item["history"]] == ["error", "redrive"]
+    assert (item["attempts"], item["attempts_by_cause"]["error"]) == (0, 1)
+
+
+def test_items_backing_off_do_not_block_the_ones_behind(store: QueueStore, wall: Clock) -> None:
+    store.enqueue("job", items(*[f"early{i}" for i in range(20)]))
+    store.fail([x.token for x in store.lease("w", 20)], "transient", "rate_limit", "429")
+    store.enqueue("job", items("late"))
+    assert [x.item_id for x in store.lease("w", 5)] == ["late"]
+    stats = store.stats("job")
+    assert (stats["pending"], stats["waiting"], stats["leased"]) == (20, 20, 1)
+    wall.t += 10
+    assert len(store.lease("w", 50)) == 20
+
+
+def test_cancel_dead_letters_waiting_items_and_expired_leases(
+    store: QueueStore, clock: Clock
+) -> None:
+    store.enqueue("job", items("a", "b", "c"))
+    a, _b = store.lease("w", 2, lease_s=5)
+    store.fail([a.token], "transient", "timeout", "slow")  # waiting
+    store.set_job_state("job", "cancelled")  # c pending, a waiting -> dead; b leased
+    assert store.stats("job")["dead"] == 2
+    clock.t += 6  # b's lease expires: a cancelled job's item goes to the dead letters
+    stats = store.stats("job")
+    assert (stats["dead"], stats["pending"], stats["leased"]) == (3, 0, 0)
+    assert {d["reason"] for d in store.dead_letters("job")} == {"cancelled"}
+
+
+def test_a_paused_job_keeps_its_items_until_resumed(store: QueueStore) -> None:
+    store.create_job(JobSpec("other"))
+    store.enqueue("job", items("a"))
+    store.enqueue("other", items("o"))
+    store.set_job_state("job", "paused")
+    assert [x.item_id for x in store.lease("w", 5)] == ["o"]
+    store.set_job_state("job", "active")
+    assert [x.item_id for x in store.lease("w", 5)] == ["a"]
+
+
+# ------------------------------------------------------------------ priorities and fairness
+def test_fair_shares_fill_small_jobs_and_split_the_rest() -> None:
+    assert fair_shares([100, 100], 10) == [5, 5]
+    assert fair_shares([2, 100, 100], 10) == [2, 4, 4]
+    assert fair_shares([1, 1], 10) == [1, 1]
+    assert fair_shares([5, 5, 5], 2) == [1, 1, 0]
+    assert fair_shares([], 10) == []
+
+
+def test_fit_token_budget_takes_round_robin_within_a_class() -> None:
+    assert fit_token_budget([[10, 10, 10], [10, 10]], [0, 0], 35) == [2, 1]
+    assert fit_token_budget([[50], [10]], [9, 0], 40) == [1, 0]  # the first always goes
+    assert fit_token_budget([[10], [10, 10]], [9, 0], 100) == [1, 2]
+
+
+def test_a_small_job_is_not_starved_by_a_large_one(store: QueueStore) -> None:
+    store.create_job(JobSpec("small"))
+    store.enqueue("job", items(*[f"big{i}" for i in range(1000)]))
+    store.enqueue("small", items(*[f"s{i}" for i in range(10)]))
+    leased = [x for _ in range(5) for x in store.lease("w", 4)]
+    assert sum(1 for x in leased if x.job_id == "small") == 10
+
+
+def test_remainders_rotate_between_jobs(store: QueueStore) -> None:
+    store.create_job(JobSpec("other"))
+    store.enqueue("job", items(*[f"j{i}" for i in range(10)]))
+    store.enqueue("other", items(*[f"o{i}" for i in range(10)]))
+    firsts = [store.lease("w", 1)[0].job_id for _ in range(4)]
+    assert sorted(firsts) == ["job", "job", "other", "other"]
+
+
+# ------------------------------------------------------------------ stats
+def test_stats_without_a_job_give_totals_for_the_scaler(store: QueueStore, wall: Clock) -> None:
+    store.create_job(JobSpec("other", priority=5))
+    store.enqueue("job", items("a", "b"))
+    wall.t += 10
+    store.enqueue("other", items("x"))
+    store.lease("w", 1)  # priority 5 first: x
+    stats = store.stats()
+    assert set(stats["jobs"]) == {"job", "other"}
+    totals = stats["totals"]
+    assert (totals["pending"], totals["leased"], totals["pending_tokens"]) == (2, 1, 20)
+    assert totals["pending_by_priority"] == {0: 2}
+    assert totals["oldest_pending_s"] == pytest.approx(10.0)
+
+
+def test_oldest_pending_age_includes_items_backing_off(store: QueueStore, wall: Clock) -> None:
+    store.enqueue("job", items("old"))
+    store.fail([_lease_one(store).token], "transient", "t", "t")
+    wall.t += 0.5
+    store.enqueue("job", items("new"))
+    wall.t += 0.2  # "old" is still backing off (the seeded delay is 0.84 s)
+    assert store.stats("job")["oldest_pending_s"] == pytest.approx(0.7)
+
+
+def test_item_states_list_every_item_once(store: QueueStore) -> None:
+    store.enqueue("job", items("a", "b", "c"))
+    store.complete([_lease_one(store).token])
+    page = store.item_states("job", limit=2)
+    rest = store.item_states("job", after=page[-1][0])
+    assert [(c, s) for _, c, s in page + rest] == [
+        ("a", "done"),
+        ("b", "pending"),
+        ("c", "pending"),
+    ]
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (NewItem("x", 42), "payload must be JSON text"),  # type: ignore[arg-type]
+        (NewItem("x", "{} trailing"), "not a JSON object"),
+        (NewItem("x", "{"), "not a JSON object"),
+        (NewItem("x", "{}", 1, 12), "priority must be"),
+        (NewItem("x", "{}", -1), "tokens must be"),
+        (NewItem("", "{}"), "must match"),
+        (NewItem("a/../b", "{}"), "must match"),
+        (NewItem("x" * 129, "{}"), "must match"),
+    ],
+)
+def test_more_bad_items_are_refused_with_the_reason(
+    store: QueueStore, bad: NewItem, reason: str
+) -> None:
+    with pytest.raises(QueueError, match=reason):
+        store.enqueue("job", [NewItem("ok", "{}"), bad])
+    assert store.stats("job")["total"] == 0
+
+
+def test_a_refusal_names_every_bad_item_and_where_it_is(store: QueueStore) -> None:
+    batch = [NewItem("ok", "{}"), NewItem("bad id", "{}"), NewItem("y", "[]")]
+    with pytest.raises(QueueError) as err:
+        store.enqueue("job", batch)
+    assert "items[1] ('bad id')" in str(err.value) and "items[2] ('y')" in str(err.value)
+    assert "nothing accepted" in str(err.value)
+
+
+def test_an_id_repeated_in_one_call_with_another_payload_is_refused(store: QueueStore) -> None:
+    with pytest.raises(QueueError, match="repeated in this call"):
+        store.enqueue("job", [NewItem("a", '{"v": 1}'), NewItem("a", '{"v": 2}')])
+    result = store.enqueue("job", [NewItem("a", '{"v": 1}'), NewItem("a", '{"v": 1}')])
+    assert (result.accepted, result.duplicates) == (1, ["a"])
+
+
+def test_size_limit_counts_bytes_not_characters(store: QueueStore) -> None:
+    payload = json.dumps({"t": "é" * 300}, ensure_ascii=False)  # 300 chars, 600+ bytes
+    with pytest.raises(QueueError, match="payload over 500 bytes"):
+        store.enqueue("job", [NewItem("a", payload)], max_item_bytes=500)
+
+
+def test_unknown_job_is_refused(store: QueueStore) -> None:
+    with pytest.raises(QueueError, match="unknown job"):
+        store.enqueue("nope", items("a"))
+
+
+# ------------------------------------------------------------------ storage failures
 def test_read_only_database_fails_loudly(store: QueueStore, tmp_path: Path) -> None:
     store.enqueue("job", items("a"))
-    store.close()
-    import sqlite3
-
-    ro = QueueStore.__new__(QueueStore)
-    ro.__dict__.update(QueueStore(tmp_path / "q.sqlite").__dict__)
-    ro._db = sqlite3.connect(
+    store._db.close()
+    store._db = sqlite3.connect(
         f"file:{tmp_path / 'q.sqlite'}?mode=ro", uri=True, isolation_level=None
     )
     with pytest.raises(StorageError):
-        ro.enqueue("job", items("b"))
+        store.enqueue("job", items("b"))
+    assert store.stats("job")["total"] == 1  # the counters did not move either
+    assert QueueStore(tmp_path / "q.sqlite").item("job", "b") is None
+
+
+_DISK_FULL = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from inference.errors import StorageError
+    from inference.queue.store import JobSpec, NewItem, QueueStore
+
+    store = QueueStore(sys.argv[1])
+    store.create_job(JobSpec("job"))
+    store.enqueue("job", [NewItem("before", "{}")])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+    big = [NewItem(f"i{i}", json.dumps({"text": "x" * 1000})) for i in range(2000)]
+    try:
+        store.enqueue("job", big)
+        outcome = "accepted"
+    except StorageError as exc:
+        outcome = f"StorageError: {exc}"
+    total_after_failure = store.stats("job")["total"]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    recovered = store.enqueue("job", [NewItem("after", "{}")]).accepted
+    print(json.dumps([outcome, total_after_failure, recovered]))
+    """
+)
+
+
+def test_a_full_disk_makes_enqueue_fail_loudly_and_accept_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "q.sqlite"
+    run = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, str(db)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    outcome, total_after_failure, recovered = json.loads(run.stdout.splitlines()[-1])
+    assert outcome.startswith("StorageError")
+    assert (total_after_failure, recovered) == (1, 1)
+    states = QueueStore(db).item_states("job")
+    assert [c for _, c, _ in states] == ["before", "after"]  # nothing of the failed call
+
+
+# ------------------------------------------------------------------ records on the wire
+@pytest.mark.parametrize("dumps", [pickle.dumps, ray.cloudpickle.dumps])
+def test_packed_batches_round_trip_as_the_same_records(dumps) -> None:
+    leased = Packed([LeasedItem((1, 2), "job", "a", "{}", 0, 5)])
+    refusals = Packed([Refusal((1, 2), "stale lease")])
+    tokens = Packed([(1, 2), (3, 4)])
+    for batch in (leased, refusals, tokens, Packed(), Packed([NewItem("a", "{}")])):
+        back = pickle.loads(dumps(batch))
+        assert back == batch and type(back) is Packed
+        assert [type(x) for x in back] == [type(x) for x in batch]
+    assert pickle.loads(dumps(leased))[0].token == (1, 2)
+
+
+def test_the_store_reloads_its_state_when_the_database_changed_behind_its_back(
+    store: QueueStore, tmp_path: Path
+) -> None:
+    store.enqueue("job", items("a", "b"))
+    [held] = store.lease("w", 1)
+    other = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None)
+    other.execute("UPDATE items SET state = 2 WHERE item_id = 'a'")  # another writer
+    other.close()
+    [refusal] = store.complete([held.token])
+    assert refusal.reason == "not leased (state done)"
+    stats = store.stats("job")
+    assert (stats["leased"], stats["done"], stats["pending"]) == (0, 1, 1)
+
+
+def test_a_shard_whose_items_cannot_be_completed_is_taken_back(tmp_path: Path) -> None:
+    from inference.queue.actor import WorkQueue  # the actor's class, run in this process
+
+    queue = WorkQueue(str(tmp_path / "q.sqlite"))
+    queue.create_job(JobSpec("job", settings={"output_path": str(tmp_path / "out")}))
+    queue.enqueue("job", items("a"))
+    [held] = queue.lease("w", 1)
+    shard = queue.declare_shard("job", [held.token], "w")
+    Path(shard.tmp_path).write_bytes(b"rows")
+    queue._store._db = sqlite3.connect(  # the disk turns read-only under the queue
+        f"file:{tmp_path / 'q.sqlite'}?mode=ro", uri=True, isolation_level=None
+    )
+    result = queue.commit_shard("job", shard.n, 1, 4)
+    assert not result.committed and "queue database failed" in result.reason
+    assert not Path(shard.path).exists()  # no row of it is visible to readers
+    assert queue.item("job", "a")["state"] == "leased"  # type: ignore[index]
+
+
+def test_a_first_version_database_is_migrated_on_open(
+    store: QueueStore, tmp_path: Path, wall: Clock
+) -> None:
+    store.enqueue("job", items("backing-off", "ready"))
+    store.close()
+    old = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None)
+    # Version 1 kept an item in backoff as pending with a future not_before.
+    old.execute("UPDATE items SET not_before = ? WHERE item_id = 'backing-off'", (wall.t + 60,))
+    old.execute("PRAGMA user_version = 0")
+    old.close()
+    again = QueueStore(tmp_path / "q.sqlite", wall=wall)
+    assert again.stats("job")["waiting"] == 1
+    assert [x.item_id for x in again.lease("w", 5)] == ["ready"]
+    wall.t += 61
+    assert [x.item_id for x in again.lease("w", 5)] == ["backing-off"]

@@ -1,0 +1,156 @@
+"""The SQLite side of the store: schema, connection settings, and the one transaction shape.
+
+Settings, and why:
+
+- ``journal_mode=WAL`` + ``synchronous=FULL``: a commit is on disk when it returns (the WAL is
+  fsynced at every commit), and readers never block the writer.
+- ``cache_size`` bounded (32 MiB): the actor's memory must not grow with the backlog; the hot
+  pages (the head of the pending index, the tail of the table) fit easily.
+- no ``mmap``: mapped pages would count in the actor's RSS and grow with the file.
+
+``PRAGMA user_version`` records the schema version; :func:`connect` migrates older files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from inference.errors import StorageError
+
+PENDING, LEASED, DONE, DEAD, WAITING = 0, 1, 2, 3, 4
+"""Item states. ``WAITING`` is pending in a retry backoff (``not_before`` in the future); it is
+kept apart from ``PENDING`` so that leasing never scans past items that are backing off."""
+
+STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead", WAITING: "pending"}
+
+SCHEMA_VERSION = 2
+CACHE_KIB = 32 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs(
+    job_id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    busy_s REAL NOT NULL DEFAULT 0,
+    next_shard INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS items(
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    deadline REAL,
+    lease_s REAL,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    n_error INTEGER NOT NULL DEFAULT 0,
+    n_expired INTEGER NOT NULL DEFAULT 0,
+    n_lost INTEGER NOT NULL DEFAULT 0,
+    shard INTEGER,
+    error_kind TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    history TEXT,
+    enqueued_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE(job_id, item_id)
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items(job_id, priority, id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS items_leased ON items(deadline) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS items_dead ON items(job_id, id) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS items_waiting ON items(not_before) WHERE state = 4;
+CREATE INDEX IF NOT EXISTS items_waiting_job ON items(job_id, id) WHERE state = 4;
+CREATE TABLE IF NOT EXISTS shards(
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    path TEXT NOT NULL,
+    tmp_path TEXT NOT NULL,
+    tokens TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    rows INTEGER,
+    bytes INTEGER,
+    created_at REAL NOT NULL,
+    committed_at REAL,
+    PRIMARY KEY(job_id, n)
+);
+"""
+
+
+def connect(path: Path, wall_s: float) -> sqlite3.Connection:
+    """Open (or create) the queue database with the settings above, migrated to the current
+    schema. ``wall_s`` is now on the wall clock (for the migration of retry backoffs)."""
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        db.execute("PRAGMA mmap_size=0")
+        db.execute("PRAGMA journal_size_limit=67108864")
+        db.execute("PRAGMA temp_store=MEMORY")
+        db.executescript(_SCHEMA)
+        _migrate(db, wall_s)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the queue database {path}: {exc}") from exc
+    return db
+
+
+def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
+    """Version 1 kept backing-off items in ``PENDING`` with a future ``not_before``."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version >= SCHEMA_VERSION:
+        return
+    with Transaction(db):
+        db.execute(
+            "UPDATE items SET state = ? WHERE state = ? AND not_before > ?",
+            (WAITING, PENDING, wall_s),
+        )
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolls back on any error and re-raises it.
+    Storage failures (disk full, read-only file, I/O errors) surface as :class:`StorageError`,
+    so a caller never mistakes a change that did not reach the disk for one that did."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot start a transaction: {exc}") from exc
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as commit_exc:
+                self._rollback()
+                raise StorageError(f"commit failed: {commit_exc}") from commit_exc
+        self._rollback()
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(str(exc)) from exc
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR).
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")

@@ -1,0 +1,173 @@
+"""What the store keeps in memory, so that its hot paths cost no query: per job the counts by
+state, pending tokens and attempts by cause; the leasable items by priority and job (what a lease
+plans from); and the outstanding leases (what fencing checks and sweeps read).
+
+The database is the truth: the mirror is loaded from it at start (and again if the two are ever
+found to differ), and the store changes it only after a transaction that made the same change
+has committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from inference.errors import QueueError
+from inference.queue.db import LEASED, PENDING, WAITING
+from inference.queue.records import JobSpec
+
+BACKLOG = (PENDING, WAITING)
+CAUSES = ("error", "lease_expired", "worker_lost")
+
+
+@dataclass(slots=True)
+class Job:
+    spec: JobSpec
+    state: str  # active | paused | cancelled
+    created_at: float
+    counts: Counter[int] = field(default_factory=Counter)
+    pending_tokens: int = 0
+    pending_by_priority: Counter[int] = field(default_factory=Counter)
+    attempts_by_cause: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0
+    next_shard: int = 0
+
+
+@dataclass(slots=True)
+class Lease:
+    """An outstanding lease, as committed."""
+
+    epoch: int
+    deadline: float  # on the queue's monotonic clock
+    lease_s: float | None
+    job_id: str
+    priority: int
+    tokens: int
+    attempts: int
+    worker: str | None
+
+
+Held = tuple[int, Lease]  # (item rowid, its lease)
+Move = tuple[int, Lease, int]  # (item rowid, its lease, the state it moved to)
+
+
+class Mirror:
+    """Counters, leasable items and leases of one queue database."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.ready: dict[int, dict[str, int]] = {}  # {priority: {job_id: leasable}}, no zeros
+        self.leases: dict[int, Lease] = {}
+
+    def load(self, db: sqlite3.Connection) -> None:
+        """Rebuild everything from the database (one pass over the items)."""
+        self.jobs.clear()
+        self.ready.clear()
+        self.leases.clear()
+        for row in db.execute(
+            "SELECT job_id, pool, priority, state, spec, not_before, created_at, prompt_tokens,"
+            " completion_tokens, busy_s, next_shard FROM jobs"
+        ):
+            extra = json.loads(row[4])
+            spec = JobSpec(
+                job_id=row[0],
+                pool=row[1],
+                priority=row[2],
+                not_before=row[5],
+                max_attempts=extra["max_attempts"],
+                backoff_base_s=extra["backoff_base_s"],
+                backoff_max_s=extra["backoff_max_s"],
+                settings=extra["settings"],
+            )
+            self.jobs[row[0]] = Job(
+                spec=spec,
+                state=row[3],
+                created_at=row[6],
+                prompt_tokens=row[7],
+                completion_tokens=row[8],
+                busy_s=row[9],
+                next_shard=row[10],
+            )
+        for job_id, state, priority, n, tokens, n_error, n_expired, n_lost in db.execute(
+            "SELECT job_id, state, priority, COUNT(*), SUM(tokens), SUM(n_error), SUM(n_expired),"
+            " SUM(n_lost) FROM items GROUP BY job_id, state, priority"
+        ):
+            job = self.jobs[job_id]
+            self.shift(job, None, state, priority, n, tokens)
+            job.attempts_by_cause.update(
+                dict(zip(CAUSES, (n_error, n_expired, n_lost), strict=True))
+            )
+        for item_id, epoch, deadline, *rest in db.execute(
+            "SELECT id, epoch, deadline, lease_s, job_id, priority, tokens, attempts, worker"
+            " FROM items WHERE state = 1"
+        ):
+            self.leases[item_id] = Lease(epoch, -math.inf if deadline is None else deadline, *rest)
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise QueueError(f"unknown job {job_id!r}") from None
+
+    def shift(
+        self, job: Job, old: int | None, new: int, priority: int, n: int, tokens: int
+    ) -> None:
+        """Move ``n`` items (``tokens`` in all) of one job and priority between states.
+        ``old`` None: new items."""
+        if old is not None:
+            job.counts[old] -= n
+        job.counts[new] += n
+        if old in BACKLOG:
+            job.pending_tokens -= tokens
+            job.pending_by_priority[priority] -= n
+        if new in BACKLOG:
+            job.pending_tokens += tokens
+            job.pending_by_priority[priority] += n
+        if old == PENDING:
+            self._add_ready(job.spec.job_id, priority, -n)
+        if new == PENDING:
+            self._add_ready(job.spec.job_id, priority, n)
+
+    def _add_ready(self, job_id: str, priority: int, n: int) -> None:
+        jobs = self.ready.setdefault(priority, {})
+        left = jobs.get(job_id, 0) + n
+        if left > 0:
+            jobs[job_id] = left
+        else:
+            jobs.pop(job_id, None)
+
+    def tally(self, moves: Iterable[tuple[str, int, int]], old: int, new: int) -> None:
+        """Moves ``(job_id, priority, tokens)`` from ``old`` to ``new``, counted with one
+        update per job and priority."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for job_id, priority, tokens in moves:
+            group = groups.get((job_id, priority))
+            if group is None:
+                groups[(job_id, priority)] = [1, tokens]
+            else:
+                group[0] += 1
+                group[1] += tokens
+        for (job_id, priority), (n, tokens) in groups.items():
+            self.shift(self.jobs[job_id], old, new, priority, n, tokens)
+
+    def settle(self, moves: list[Move], cause: str | None) -> None:
+        """Moves out of ``leased``: drop the leases, count the moves and the attempts they
+        cost (by cause; ``None`` or ``drained``: none)."""
+        for item_id, _, _ in moves:
+            del self.leases[item_id]
+        for new in {m[2] for m in moves}:
+            self.tally(
+                ((h.job_id, h.priority, h.tokens) for _, h, s in moves if s == new), LEASED, new
+            )
+        if cause in CAUSES:
+            for _, held, _ in moves:
+                self.jobs[held.job_id].attempts_by_cause[cause] += 1
+
+    def earliest_deadline(self) -> float:
+        return min((h.deadline for h in self.leases.values()), default=math.inf)
