@@ -143,7 +143,13 @@ def chat_request(
         "custom_id": f"chat-{index:0{width}d}",
         "method": "POST",
         "url": "/v1/chat/completions",
-        "body": {"model": CHAT_MODEL, "messages": messages, "max_tokens": max_tokens},
+        # Greedy: the demo's output is the same on every run (and never an empty sample).
+        "body": {
+            "model": CHAT_MODEL,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
     }
 
 
