@@ -47,7 +47,7 @@ from inference.export import error_jsonl, output_jsonl
 from inference.metrics import record_ray as record_ray_metrics
 from inference.pool import WorkerPool
 from inference.progress import Tracker
-from inference.queue.actor import NAMESPACE, get_queue
+from inference.queue.actor import NAMESPACE, get_queue, head_node_id
 from inference.runner import finalize, job_spec
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
@@ -701,7 +701,7 @@ def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final:
 def get_or_create_controller(state_dir: str | Path) -> Any:
     """The cluster's Controller actor, created on the head node (where its state lives) when it
     does not exist yet. The WorkQueue must exist first."""
-    head = _head_node_id()
+    head = head_node_id()
     actor_cls = ray.remote(Controller)
     handle: Any = actor_cls.options(
         name=CONTROLLER_NAME,
@@ -729,10 +729,3 @@ def get_controller() -> Any:
         return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:
         raise ApiError(503, "no Controller runs on this Ray cluster") from None
-
-
-def _head_node_id() -> str:
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return str(node["NodeID"])
-    return ray.get_runtime_context().get_node_id()

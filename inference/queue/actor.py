@@ -253,7 +253,7 @@ class WorkQueue:
 
 def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) -> Any:
     """The cluster's WorkQueue actor, created on the head node when it does not exist yet."""
-    head = _head_node_id()
+    head = head_node_id()
     actor_cls = ray.remote(WorkQueue)
     handle: Any = actor_cls.options(
         name=QUEUE_NAME,
@@ -276,7 +276,8 @@ def get_queue() -> Any:
         raise QueueError("no WorkQueue runs on this Ray cluster") from None
 
 
-def _head_node_id() -> str:
+def head_node_id() -> str:
+    """The head node's id: where the cluster's singletons and their databases live."""
     for node in ray.nodes():
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
             return str(node["NodeID"])
