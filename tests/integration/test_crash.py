@@ -30,14 +30,16 @@ INFERENCE = str(Path(sys.executable).with_name("inference"))
 SEEDS = [int(s) for s in os.environ.get("CRASH_SEEDS", "1").split(",")]
 
 
-def write_items(path: Path, count: int, seed: int = 0) -> Path:
+def write_items(
+    path: Path, count: int, seed: int = 0, max_tokens: tuple[int, int] = (2, 6)
+) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:
         for i in range(count):
             words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(8))
             body = {
                 "messages": [{"role": "user", "content": words}],
-                "max_tokens": rng.randint(2, 6),
+                "max_tokens": rng.randint(*max_tokens),
                 "temperature": 0,
             }
             f.write(
@@ -87,6 +89,29 @@ def worker_pids() -> list[int]:
     return pids
 
 
+def pause_a_worker(timeout_s: float = 60) -> int:
+    """SIGSTOP one live worker that holds leases (a paused worker holding nothing would prove
+    nothing). Workers are listed afresh each try: one seen a moment ago may have ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name in ray.util.list_named_actors():
+            if not name.startswith("tiny-llama-"):
+                continue
+            try:
+                info = ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(), timeout=2)
+            except Exception:
+                continue
+            if info["held"] == 0 or info["state"] not in ("busy", "leasing"):
+                continue
+            try:
+                os.kill(info["pid"], signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            return int(info["pid"])
+        time.sleep(0.1)
+    pytest.fail("no live worker holding leases to pause")
+
+
 def run_in_thread(path: Path, config, job_id: str) -> tuple[threading.Thread, dict]:
     from inference.runner import run_job
 
@@ -117,7 +142,10 @@ def test_kill_9_of_workers_mid_batch_loses_and_duplicates_nothing(
         time.sleep(rng.uniform(3, 6))
         pids = worker_pids()
         if pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # that worker ended since it was listed
             kills += 1
     thread.join(300)
     assert "error" not in box, box.get("error")
@@ -131,18 +159,16 @@ def test_kill_9_of_workers_mid_batch_loses_and_duplicates_nothing(
 def test_a_paused_zombie_worker_cannot_publish_stale_rows(
     ray_cluster: Path, queue_db: Path, tmp_path: Path
 ) -> None:
-    path = write_items(tmp_path / "in.jsonl", 1500, 7)
+    # Long enough answers that the job outlives start-up, the pause and the takeover.
+    path = write_items(tmp_path / "in.jsonl", 1500, 7, max_tokens=(16, 32))
     job_id = "zombie"
     thread, box = run_in_thread(path, config_for(tmp_path, queue_db, lease_s=3), job_id)
-    pids: list[int] = []
-    for _ in range(100):
-        pids = worker_pids()
-        if len(pids) == 2 and thread.is_alive():
+    for _ in range(150):
+        if len(worker_pids()) == 2 or not thread.is_alive():
             break
         time.sleep(0.2)
     time.sleep(2)  # let it lease and work
-    victim = pids[0]
-    os.kill(victim, signal.SIGSTOP)
+    victim = pause_a_worker()
     try:
         time.sleep(8)  # well past its lease: the other worker takes its items over
     finally:
