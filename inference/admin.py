@@ -6,6 +6,7 @@ cluster running, always go through it."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from inference.config import Config
 from inference.errors import QueueError
 from inference.export import error_jsonl, output_jsonl
+from inference.schedule import describe_next_run
 from inference.shards import JobOutput
 
 
@@ -112,6 +114,11 @@ def _live_columns(
         "items/s": f"{progress['items_per_s']:.2f}" if progress else "-",
         "tokens/s": f"{progress['tokens_per_s']:.1f}" if progress else "-",
         "eta": "-" if eta is None else _duration(eta),
+        "next run": (
+            describe_next_run(float(stats.get("next_run_at") or 0.0), time.time())
+            if remaining
+            else "-"
+        ),
         "to finish": "-" if to_finish is None else f"{to_finish:.4f}",
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from inference.config import Config, load_config, parse_config
 from inference.errors import ConfigError, InferenceError, InputError
 from inference.progress import Progress as JobProgress
+from inference.schedule import describe_next_run
 
 if TYPE_CHECKING:
     from inference.admin import QueueAccess
@@ -95,7 +97,9 @@ def run(
             total=p.total,
             completed=p.done + p.dead,
             rate=f"{p.items_per_s:.1f}",
-            eta=_fmt_eta(p.eta_s),
+            eta=_fmt_eta(p.eta_s)
+            if p.next_run_at is None
+            else describe_next_run(p.next_run_at, time.time()),
             dead=p.dead,
             description=p.state,
             counts=f"{p.done + p.dead}/{p.total}",

@@ -11,6 +11,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -197,6 +198,10 @@ class ScheduleConfig(_Section):
         for window in self.windows:
             if not _WINDOW.match(window):
                 raise ValueError(f"window {window!r} is not HH:MM-HH:MM")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"timezone {self.timezone!r} is not a known IANA time zone") from None
         return self
 
 

@@ -608,7 +608,8 @@ class Controller:
             pool = st["pool"]
             if pool not in configs:
                 configs[pool] = Config.model_validate(rec["config"])
-            runnable = st["state"] == "active" and st.get("not_before", 0.0) <= time.time()
+            due = st.get("next_run_at", st.get("not_before", 0.0))
+            runnable = st["state"] == "active" and due <= time.time()
             waiting = st["pending"] if runnable else 0
             backlog[pool] = backlog.get(pool, 0) + waiting + st["leased"]
         for name in set(self._pools) | {p for p, n in backlog.items() if n > 0}:

@@ -6,6 +6,7 @@ the same figures the same way, and tests can feed synthetic histories.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ class Progress:
     cost: float
     cost_to_finish: float | None
     state: str
+    next_run_at: float | None = None  # Unix time a job outside its run windows next leases
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -104,6 +106,10 @@ class Tracker:
             state = "finalizing"
         else:
             state = stats.get("state", "active")
+        next_run = float(stats.get("next_run_at") or 0.0)
+        waiting = remaining > 0 and state == "active" and next_run > time.time()
+        if waiting:
+            state = "scheduled"
         fraction = settled / total if total else 1.0
         if state == "finalizing":
             fraction = min(fraction, 0.999)
@@ -121,4 +127,5 @@ class Tracker:
             cost=cost,
             cost_to_finish=cost_to_finish,
             state=state,
+            next_run_at=next_run if waiting else None,
         )

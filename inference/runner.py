@@ -98,6 +98,8 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
         backoff_base_s=config.queue.backoff_base_s,
         backoff_max_s=config.queue.backoff_max_s,
         not_before=not_before,
+        windows=tuple(config.schedule.windows),
+        timezone=config.schedule.timezone,
         settings={
             "output_path": base if is_local else output_root,
             "output_format": config.output.format,

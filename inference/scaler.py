@@ -225,9 +225,10 @@ def backlog_entries(
     Pending tokens are the queue's estimates (prompt length plus ``max_tokens``); they are
     scaled by what the job's completed items really cost per item, so they are in the units of
     the measured throughput. Items of a job that is not active, or not due yet (``not_before``),
-    do not count; its leased items do."""
+    do not count, nor those of a job outside its run windows (``next_run_at``); its leased
+    items do."""
     pending = int(job["pending"]) if job.get("state", "active") == "active" else 0
-    if float(job.get("not_before") or 0.0) > wall:
+    if float(job.get("next_run_at", job.get("not_before")) or 0.0) > wall:
         pending = 0
     leased = int(job["leased"])
     if pending == 0 and leased == 0:

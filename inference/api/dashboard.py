@@ -189,7 +189,7 @@ def _job_row(
         fraction = min(fraction, 0.999)
     eta_s = (progress.get("eta_s") if remaining else 0.0) if progress else None
     cost, to_finish = job_cost(st, rate)
-    not_before = float(st.get("not_before") or 0.0)
+    next_run = float(st.get("next_run_at") or st.get("not_before") or 0.0)
     return {
         "id": job_id,
         "kind": rec["kind"] if rec else "run",
@@ -216,7 +216,8 @@ def _job_row(
         "cost": cost,
         "cost_to_finish": to_finish,
         "cost_per_gpu_hour": rate,
-        "starts_at": not_before if not_before > now else None,
+        "starts_at": next_run if next_run > now else None,
+        "windows": st.get("windows") or [],
     }
 
 

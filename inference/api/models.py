@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inference.schedule import parse_window
 from inference.schema import CUSTOM_ID
 
 ID_PATTERN = CUSTOM_ID.pattern
@@ -81,6 +82,19 @@ class OutputOverrides(Strict):
 
 class ScheduleOverrides(Strict):
     not_before: datetime | None = Field(None, description="Items are not leased before this.")
+    windows: list[str] | None = Field(
+        None,
+        max_length=24,
+        description="Daily run windows 'HH:MM-HH:MM' (e.g. '22:00-06:00'); leased only inside.",
+    )
+    timezone: str | None = Field(None, max_length=64, description="IANA zone of the windows.")
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, windows: list[str] | None) -> list[str] | None:
+        for text in windows or []:
+            parse_window(text)
+        return windows
 
 
 class JobConfig(Strict):

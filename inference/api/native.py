@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from inference.config import ApiConfig
+from inference.errors import ConfigError
 from inference.export import error_line, find_result, output_line
 from inference.queue import NewItem
 from inference.shards import JobOutput
@@ -65,7 +66,10 @@ async def create_job(request: Request, body: JobCreate) -> dict[str, Any]:
     state: ServerState = request.app.state.inference
     config = state.config
     if body.config is not None:
-        config = config.with_updates(**body.config.model_dump(exclude_none=True))
+        try:
+            config = config.with_updates(**body.config.model_dump(exclude_none=True))
+        except ConfigError as exc:  # a value each field accepts alone, refused together
+            raise ApiError(400, str(exc), "config", "invalid_config") from None
     rec = await call(
         state.controller.create_job.remote(
             body.job_id,

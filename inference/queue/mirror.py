@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from inference.errors import QueueError
 from inference.queue.db import LEASED, PENDING, WAITING
 from inference.queue.records import JobSpec
+from inference.schedule import Schedule
 
 BACKLOG = (PENDING, WAITING)
 CAUSES = ("error", "lease_expired", "worker_lost")
@@ -37,6 +38,11 @@ class Job:
     completion_tokens: int = 0
     busy_s: float = 0.0
     next_shard: int = 0
+    schedule: Schedule = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        self.schedule = Schedule(spec.not_before, spec.windows, spec.timezone)
 
 
 @dataclass(slots=True)
@@ -84,6 +90,8 @@ class Mirror:
                 backoff_base_s=extra["backoff_base_s"],
                 backoff_max_s=extra["backoff_max_s"],
                 settings=extra["settings"],
+                windows=tuple(extra.get("windows", ())),
+                timezone=extra.get("timezone", "UTC"),
             )
             self.jobs[row[0]] = Job(
                 spec=spec,

@@ -29,6 +29,8 @@ class JobSpec:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     not_before: float = 0.0
+    windows: tuple[str, ...] = ()  # daily run windows, "HH:MM-HH:MM" (inference.schedule)
+    timezone: str = "UTC"
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -39,6 +41,8 @@ class JobSpec:
                 "backoff_base_s": self.backoff_base_s,
                 "backoff_max_s": self.backoff_max_s,
                 "settings": self.settings,
+                "windows": list(self.windows),
+                "timezone": self.timezone,
             }
         )
 

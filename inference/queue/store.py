@@ -410,7 +410,7 @@ class QueueStore:
     def _leasable(job: Job, wall: float, pool: str | None) -> bool:
         return (
             job.state == "active"
-            and job.spec.not_before <= wall
+            and job.schedule.runnable(wall)
             and (pool is None or job.spec.pool == pool)
         )
 
@@ -789,6 +789,8 @@ class QueueStore:
             "completion_tokens": job.completion_tokens,
             "busy_s": job.busy_s,
             "not_before": job.spec.not_before,
+            "windows": list(job.spec.windows),
+            "next_run_at": job.schedule.next_run_at(wall),
         }
 
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:

@@ -395,6 +395,31 @@ def test_native_enqueue_is_idempotent_and_says_per_item_what_happened(
     assert (summary["state"], summary["done"]) == ("completed", 3)
 
 
+def test_a_job_outside_its_run_window_waits_while_others_run(http: httpx.Client) -> None:
+    # A one-minute window twelve hours from now (UTC): closed for the whole test.
+    opens = (int(time.time()) // 60 + 12 * 60) * 60
+    window = time.strftime("%H:%M", time.gmtime(opens))
+    window += "-" + time.strftime("%H:%M", time.gmtime(opens + 60))
+    schedule = {"windows": [window], "timezone": "UTC"}
+    created = http.post("/v1/jobs", json={"job_id": "nightly", "config": {"schedule": schedule}})
+    assert created.status_code == 200, created.text
+    body = _line("x")["body"]
+    for job in ("nightly", "daytime"):
+        if job == "daytime":
+            assert http.post("/v1/jobs", json={"job_id": job}).status_code == 200
+        items = [{"custom_id": f"{job}-0", "url": "/v1/chat/completions", "body": body}]
+        assert http.post(f"/v1/jobs/{job}/items", json={"items": items}).status_code == 200
+    waited = http.get("/v1/jobs/daytime/items/daytime-0", params={"wait_s": 90}).json()
+    assert waited["status"] == "completed"  # workers were up and leasing all along
+    rows = {j["id"]: j for j in http.get("/v1/dashboard/state").json()["jobs"]}
+    nightly = rows["nightly"]
+    assert (nightly["pending"], nightly["leased"], nightly["done"]) == (1, 0, 0)
+    assert nightly["starts_at"] == opens and nightly["windows"] == [window]
+    bad = http.post("/v1/jobs", json={"config": {"schedule": {"windows": ["25:00-01:00"]}}})
+    assert bad.status_code == 400 and "25:00-01:00" in bad.text
+    assert http.post("/v1/jobs/nightly/cancel").status_code == 200
+
+
 def test_an_urgent_item_is_answered_while_a_batch_backlog_waits(
     http: httpx.Client, client: Any, tmp_path: Path
 ) -> None:

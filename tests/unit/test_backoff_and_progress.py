@@ -1,9 +1,11 @@
 import random
+import time
 
 import pytest
 
 from inference.progress import Sample, Tracker, eta_s, rate
 from inference.queue.backoff import backoff_s
+from inference.schedule import describe_next_run
 
 
 def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
@@ -54,6 +56,16 @@ def test_finalizing_is_never_shown_as_done() -> None:
     p = Tracker().update(0.0, _stats(done=100, pending=0), finalizing=True)
     assert p.state == "finalizing"
     assert p.fraction < 1.0
+
+
+def test_a_job_outside_its_windows_shows_when_it_next_runs() -> None:
+    later = time.time() + 3600
+    p = Tracker().update(0.0, {**_stats(done=5, pending=10), "next_run_at": later})
+    assert (p.state, p.next_run_at) == ("scheduled", later)
+    now = Tracker().update(0.0, {**_stats(done=5, pending=10), "next_run_at": time.time()})
+    assert (now.state, now.next_run_at) == ("active", None)
+    assert describe_next_run(later, later - 1).startswith("at ")
+    assert describe_next_run(later, later) == "now"
 
 
 def test_rate_uses_the_recent_window() -> None:

@@ -198,6 +198,29 @@ def test_not_before_is_respected(store: QueueStore, wall: Clock) -> None:
     assert [x.item_id for x in store.lease("w", 1)] == ["x"]
 
 
+def test_outside_its_windows_a_job_is_not_leased(store: QueueStore, wall: Clock) -> None:
+    # wall starts at 22:13:20 UTC; the job may run 01:00-02:00 UTC only.
+    store.create_job(JobSpec("nightly", windows=("01:00-02:00",), timezone="UTC"))
+    store.enqueue("nightly", items("x", "y"))
+    store.enqueue("job", items("a"))
+    assert [x.item_id for x in store.lease("w", 5)] == ["a"]  # the other job is not held up
+    opens = wall.t - wall.t % 86400 + 86400 + 3600
+    assert store.stats("nightly")["next_run_at"] == opens
+    wall.t = opens - 1
+    assert store.lease("w", 5) == []
+    wall.t = opens
+    [x] = store.lease("w", 1)
+    assert x.item_id == "x" and store.stats("nightly")["next_run_at"] == wall.t
+    wall.t = opens + 3600  # closed again: the leased item finishes, nothing new is leased
+    assert store.lease("w", 5) == []
+    assert store.complete([x.token]) == []
+    # The windows survive a restart of the queue.
+    store.close()
+    again = QueueStore(store.path, wall=wall)
+    assert again.stats("nightly")["next_run_at"] == opens + 86400
+    assert again.stats("nightly")["windows"] == ["01:00-02:00"]
+
+
 def test_pause_and_cancel(store: QueueStore) -> None:
     store.enqueue("job", items("a", "b"))
     store.set_job_state("job", "paused")

@@ -85,7 +85,7 @@
     if (j.dead > 0 && j.queue_state !== "cancelled")
       actions.append(" ", el("button", { onclick: () => act(j.id, "redrive") }, "Redrive"));
     let eta = duration(j.eta_s);
-    if (j.starts_at) eta = "starts " + new Date(j.starts_at * 1000).toLocaleString();
+    if (j.starts_at) eta = "next run " + new Date(j.starts_at * 1000).toLocaleString();
     if (j.status === "finalizing" || (j.total && j.done + j.dead === j.total
         && j.status !== "completed")) eta = "finalizing";
     if (j.status === "completed") eta = "done";
@@ -94,7 +94,8 @@
       class: "job", "data-job": j.id, "data-done": j.done, "data-total": j.total,
       "data-fraction": j.fraction, "data-status": j.status,
     },
-      el("td", { title: j.kind + " · pool " + (j.pool || "") }, j.id),
+      el("td", { title: j.kind + " · pool " + (j.pool || "")
+        + (j.windows && j.windows.length ? " · runs " + j.windows.join(", ") : "") }, j.id),
       el("td", {}, el("span", { class: "status " + j.status }, j.status)),
       el("td", {}, progressBar(j)),
       el("td", { class: "count" }, num(j.done) + " / " + num(j.total)),
