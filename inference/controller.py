@@ -1,7 +1,8 @@
 """The Controller: one detached Ray actor per cluster that owns the jobs it was given.
 
 It keeps the job registry (OpenAI batches and native jobs, with their configs), drives each job
-through its lifecycle, keeps a :class:`~inference.pool.WorkerPool` per engine pool that has work,
+through its lifecycle, sizes a pool of workers per engine pool that has work
+(:class:`~inference.fleet.Fleet`: fixed, or autoscaled from the backlog through Ray's autoscaler),
 and finalizes settled jobs (errors shard, manifest, ``job.json``, and for a batch its OpenAI output
 and error files). The HTTP server and the CLI call it; neither holds any of this logic.
 
@@ -41,11 +42,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from inference.api.batch_input import batch_items, check_batch_file
 from inference.api.filestore import FileStore
 from inference.api.http_errors import ApiError, not_found
-from inference.cluster import cluster_slots
-from inference.config import Config, ScalingConfig
+from inference.config import Config
 from inference.export import error_jsonl, output_jsonl
+from inference.fleet import Fleet, job_deadlines
 from inference.metrics import record_ray as record_ray_metrics
-from inference.pool import WorkerPool
 from inference.progress import Tracker
 from inference.queue.actor import NAMESPACE, get_queue, head_node_id
 from inference.runner import finalize, job_spec
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "Controller"
 TICK_S = 1.0
-IDLE_GRACE_S = 15.0  # keep an idle pool this long before draining it (issue 7: the scaler)
 ACTIVE = ("validating", "queued", "running", "finalizing", "cancelling", "expiring")
 FINAL = ("completed", "failed", "cancelled", "expired")
 _WINDOW = re.compile(r"^([1-9]\d{0,6})([smhd])$")
@@ -74,18 +73,6 @@ def window_s(text: str) -> int:
             "invalid_completion_window",
         )
     return int(match[1]) * _UNITS[match[2]]
-
-
-def desired_workers(
-    scaling: ScalingConfig, backlog: int, slots: int, have: int, idle_s: float
-) -> int:
-    """Workers a pool should have: the cluster's slots (or ``max_workers``) while it has work,
-    ``min_workers`` once it has been idle for ``IDLE_GRACE_S``. Issue 7 replaces this."""
-    if backlog > 0:
-        return max(scaling.max_workers or slots, scaling.min_workers, 1)
-    if idle_s < IDLE_GRACE_S:
-        return max(have, scaling.min_workers)
-    return scaling.min_workers
 
 
 class Registry:
@@ -151,12 +138,10 @@ class Controller:
         self._jobs: dict[str, dict[str, Any]] = {r["id"]: r for r in self._registry.load()}
         self._trackers: dict[str, Tracker] = {}
         self._progress: dict[str, dict[str, Any]] = {}
-        self._pools: dict[str, WorkerPool] = {}
-        self._idle_since: dict[str, float] = {}
+        self._fleet = Fleet(self._queue, self._registry)
         self._backlog = 0
         self._settled = (0.0, 0)  # (time, done + dead of every job) for the drain rate
         self._items_per_s = 0.0
-        self._pool_errors: dict[str, str] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._release_lost_workers()
@@ -183,11 +168,8 @@ class Controller:
                 "backlog": self._backlog,
                 "items_per_s": self._items_per_s,
                 "jobs": statuses,
-                "pools": {
-                    name: {"workers": len(p.members), "lost": p.lost}
-                    for name, p in self._pools.items()
-                },
-                "pool_errors": dict(self._pool_errors),
+                "pools": self._fleet.snapshot(),
+                "pool_errors": dict(self._fleet.errors),
                 "loop_alive": self._thread.is_alive(),
             }
 
@@ -196,11 +178,7 @@ class Controller:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
-        for name, pool in list(self._pools.items()):
-            ids = list(pool.members)
-            pool.drain()
-            self._registry.remove_workers(ids)
-            del self._pools[name]
+        self._fleet.shutdown()
 
     # ------------------------------------------------------------------ records
     def _new_record(self, kind: str, job_id: str, config: dict[str, Any], **fields: Any) -> dict:
@@ -597,60 +575,15 @@ class Controller:
 
     # ------------------------------------------------------------------ worker pools
     def _size_pools(self, stats: dict[str, dict[str, Any]], now: float) -> None:
-        backlog: dict[str, int] = {}
         configs: dict[str, Config] = {}
         with self._lock:
-            recs = list(self._jobs.values())
-        for rec in recs:
-            st = stats.get(rec["id"])
-            if st is None or st["pending"] + st["leased"] == 0:
-                continue
-            pool = st["pool"]
+            recs = [r for r in self._jobs.values() if r["id"] in stats]
+        busy = [r for r in recs if stats[r["id"]]["pending"] + stats[r["id"]]["leased"]]
+        for rec in busy:
+            pool = stats[rec["id"]]["pool"]
             if pool not in configs:
                 configs[pool] = Config.model_validate(rec["config"])
-            due = st.get("next_run_at", st.get("not_before", 0.0))
-            runnable = st["state"] == "active" and due <= time.time()
-            waiting = st["pending"] if runnable else 0
-            backlog[pool] = backlog.get(pool, 0) + waiting + st["leased"]
-        for name in set(self._pools) | {p for p, n in backlog.items() if n > 0}:
-            self._size_pool(name, backlog.get(name, 0), configs.get(name), now)
-
-    def _size_pool(self, name: str, backlog: int, config: Config | None, now: float) -> None:
-        pool = self._pools.get(name)
-        if pool is not None:
-            healthy = pool.lost <= 3 * max(1, len(pool.members)) + 10
-            if not healthy and name not in self._pool_errors:
-                self._pool_errors[name] = pool.fatal_errors[-1] if pool.fatal_errors else "lost"
-                logger.error("pool %s: too many workers lost; not replacing them", name)
-            before = set(pool.members)
-            ended = pool.check(replace=healthy)
-            if ended:
-                self._registry.remove_workers(ended)
-                self._registry.add_workers(name, sorted(set(pool.members) - before))
-            config = config or pool.config
-        if config is None:
-            return
-        if backlog > 0:
-            self._idle_since.pop(name, None)
-        idle_s = now - self._idle_since.setdefault(name, now) if backlog == 0 else 0.0
-        have = len(pool.members) if pool else 0
-        s = config.scaling
-        slots = cluster_slots(s.cpus_per_worker, s.gpus_per_worker) if backlog else 0
-        want = desired_workers(s, backlog, slots, have, idle_s)
-        if want > have and name not in self._pool_errors:
-            if pool is None:
-                pool = self._pools[name] = WorkerPool(config, name, self._queue)
-            before = set(pool.members)
-            pool.start(want - have)
-            self._registry.add_workers(name, sorted(set(pool.members) - before))
-            logger.info("pool %s: %d -> %d workers (backlog %d)", name, have, want, backlog)
-        elif want == 0 and pool is not None:
-            ids = list(pool.members)
-            pool.drain()
-            self._registry.remove_workers(ids)
-            del self._pools[name]
-            self._pool_errors.pop(name, None)
-            logger.info("pool %s: idle, drained %d workers", name, len(ids))
+        self._fleet.size(stats, configs, job_deadlines(busy), now, time.time())
 
     def _release_lost_workers(self) -> None:
         """Workers of a previous incarnation die with it: make sure they are gone (one may

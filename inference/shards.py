@@ -222,13 +222,13 @@ def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
-def read_results(path: str, *, errors: bool = False) -> pa.Table:
+def read_results(path: str | os.PathLike[str], *, errors: bool = False) -> pa.Table:
     """Read a job's committed results (or, with ``errors=True``, its dead letters).
 
     ``path`` is the job folder (``<output>/<job_id>``), local or a pyarrow.fs URI. Where a
     ``_manifest.json`` exists, only the shards it lists count (on object stores a file outside the
     manifest may be a write whose commit never happened)."""
-    fs, base, _ = resolve_fs(path)
+    fs, base, _ = resolve_fs(os.fspath(path))
     schema = ERROR_SCHEMA if errors else RESULT_SCHEMA
     folder = "errors" if errors else "data"
     files: list[str]

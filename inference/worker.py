@@ -104,7 +104,9 @@ class InferenceWorker:
         return {
             "worker": self.worker_id,
             "pool": self.pool,
-            "state": self._state,
+            "state": "draining"
+            if self._draining.is_set() and self._state in ("busy", "leasing")
+            else self._state,
             "node": self.node,
             "pid": os.getpid(),
             "held": held,

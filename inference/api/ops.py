@@ -106,7 +106,23 @@ def _families(
             "inference_workers_lost_total",
             "counter",
             "Workers lost (and replaced) per engine pool since the Controller started.",
-            [({"pool": p}, float(v["lost"])) for p, v in pools.items()],
+            [({"pool": p}, float(v.get("lost", 0))) for p, v in pools.items()],
+        ),
+        (
+            "inference_workers_desired",
+            "gauge",
+            "Workers the scaler wants per autoscaled engine pool.",
+            [
+                ({"pool": p}, float(v["desired"]))
+                for p, v in pools.items()
+                if v.get("desired") is not None
+            ],
+        ),
+        (
+            "inference_workers_draining",
+            "gauge",
+            "Workers draining (finishing what they hold before they exit) per pool.",
+            [({"pool": p}, float(v.get("draining", 0))) for p, v in pools.items()],
         ),
         (
             "inference_backlog_items",

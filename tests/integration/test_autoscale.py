@@ -256,6 +256,20 @@ def test_scale_down_while_items_are_leased_loses_and_duplicates_nothing(
     assert any(r["draining"] > 0 and r["demand"] > r["desired"] for r in after)
 
 
+def test_the_controller_scales_a_served_job_up_and_back_to_zero(fake_cluster: FakeCluster) -> None:
+    result = _run_scenario(fake_cluster, "controller")
+    f = result["figures"]
+    assert f["pool_errors"] == {}
+    assert f["first_node_s"] is not None and f["first_worker_s"] is not None
+    assert f["max_nodes"] >= 2 and f["max_ready_workers"] >= 2
+    assert f["status"] == "completed"
+    assert f["scale_in_s"] is not None, "the Controller did not scale the pool back to zero"
+    assert f["missing"] == 0 and f["duplicates"] == 0 and f["rows"] == f["items"]
+    assert f["workers_lost"] == 0
+    for row in result["timeline"]:  # demand is lowered only after drained workers exit
+        assert row["demand"] >= row["workers"] + row["draining"], row
+
+
 # ---------------------------------------------------------------------- the driver
 def _write_input(path: Path, kind: str, count: int) -> None:
     words = ["forecast", "glacier", "camera", "shovel", "poetry", "music", "river", "lamp"]
@@ -277,22 +291,10 @@ def _write_input(path: Path, kind: str, count: int) -> None:
             f.write(json.dumps(line) + "\n")
 
 
-def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
-    from inference.autoscale import Autoscaler, ResourceDemand
+def autoscale_config(work: Path) -> Any:
     from inference.config import load_config
-    from inference.inputs import read_input
-    from inference.queue.actor import NAMESPACE, get_or_create_queue
-    from inference.runner import _chunks, finalize, job_spec
-    from inference.shards import JobOutput, read_results
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    items = 3000 if kind == "natural" else 2000
-    target_drain_s = 30.0
-    config = load_config(REPO / "configs" / "tiny-cpu.yaml").with_updates(
+    return load_config(REPO / "configs" / "tiny-cpu.yaml").with_updates(
         output={"path": str(work / "out"), "rows_per_shard": 200, "max_shard_age_s": 2},
         queue={"db_path": str(work.parent / "queue.sqlite"), "lease_s": 30},
         batching={"max_batch_size": 32, "prefetch_batches": 2},
@@ -302,7 +304,7 @@ def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
             "max_workers": MAX_NODES,
             "gpus_per_worker": 1,
             "cpus_per_worker": 1,
-            "target_drain_s": target_drain_s,
+            "target_drain_s": 30.0,
             "assumed_tokens_per_s": 1000,  # asks for all three nodes at once; measured later
             "cooldown_s": 3,
             "hysteresis": 0.2,
@@ -311,6 +313,23 @@ def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
             "interval_s": 0.5,
         },
     )
+
+
+def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    from inference.autoscale import Autoscaler, ResourceDemand
+    from inference.inputs import read_input
+    from inference.queue.actor import NAMESPACE, get_or_create_queue
+    from inference.runner import _chunks, finalize, job_spec
+    from inference.shards import JobOutput, read_results
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    items = 3000 if kind == "natural" else 2000
+    config = autoscale_config(work)
+    target_drain_s = config.scaling.target_drain_s
     path = work / "input.jsonl"
     _write_input(path, kind, items)
     queue = get_or_create_queue(config.queue.db_path or "")
@@ -430,7 +449,103 @@ def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
     }
 
 
+def controller_scenario(address: str, work: Path) -> dict[str, Any]:
+    """What ``inference serve`` does: the cluster's Controller sizes the pool of a native job
+    from its backlog; this driver only enqueues and watches."""
+    import ray
+
+    from inference.controller import get_or_create_controller
+    from inference.inputs import read_input
+    from inference.queue.actor import NAMESPACE, get_or_create_queue
+    from inference.runner import _chunks
+    from inference.shards import read_results
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    items, kind, job_id = 2000, "controller", "autoscale-controller"
+    config = autoscale_config(work)
+    path = work / "input.jsonl"
+    _write_input(path, kind, items)
+    queue = get_or_create_queue(config.queue.db_path or "")
+    controller = get_or_create_controller(work / "state")
+    t0 = time.monotonic()
+    ray.get(
+        controller.create_job.remote(job_id, config.model_dump(mode="json"), config.output.path)
+    )
+    for chunk in _chunks(read_input(path, config.input, config.engine.model)):
+        ray.get(queue.enqueue.remote(job_id, chunk))
+    controller.wake.remote()
+    figures: dict[str, Any] = {
+        "items": items,
+        "first_node_s": None,
+        "first_worker_s": None,
+        "queue_empty_s": None,
+        "completed_s": None,
+        "scale_in_s": None,
+        "max_nodes": 0,
+        "max_ready_workers": 0,
+    }
+    timeline: list[dict[str, Any]] = []
+    job: dict[str, Any] = {}
+    while time.monotonic() - t0 < SCENARIO_TIMEOUT_S:
+        t = round(time.monotonic() - t0, 2)
+        pool = ray.get(controller.snapshot.remote())["pools"].get(config.engine.model, {})
+        job = ray.get(controller.job.remote(job_id))
+        nodes = int(ray.cluster_resources().get("GPU", 0))
+        counts = job.get("stats") or {"done": 0, "dead": 0}
+        timeline.append(
+            {
+                "t": t,
+                "nodes": nodes,
+                "status": job["status"],
+                "workers": pool.get("workers", 0),
+                "ready": pool.get("ready", 0),
+                "draining": pool.get("draining", 0),
+                "desired": pool.get("desired"),
+                "demand": pool.get("demand", 0),
+                "reason": pool.get("reason"),
+                "done": counts["done"],
+            }
+        )
+        figures["max_nodes"] = max(figures["max_nodes"], nodes)
+        figures["max_ready_workers"] = max(figures["max_ready_workers"], pool.get("ready", 0))
+        if nodes and figures["first_node_s"] is None:
+            figures["first_node_s"] = t
+        if pool.get("ready") and figures["first_worker_s"] is None:
+            figures["first_worker_s"] = t
+        settled = counts["done"] + counts["dead"] == items
+        if settled and figures["queue_empty_s"] is None:
+            figures["queue_empty_s"] = t
+        if job["status"] == "completed" and figures["completed_s"] is None:
+            figures["completed_s"] = t
+        gone = nodes == 0 and pool.get("workers") == 0 and pool.get("draining") == 0
+        if figures["completed_s"] is not None and gone and pool.get("demand") == 0:
+            figures["scale_in_s"] = t
+            break
+        time.sleep(0.5)
+    table = read_results(Path(config.output.path) / job_id)
+    ids = Counter(table.column("custom_id").to_pylist())
+    expected = {f"{kind}-{i:05d}" for i in range(items)}
+    snap = ray.get(controller.snapshot.remote())
+    figures.update(
+        rows=table.num_rows,
+        missing=len(expected - set(ids)),
+        duplicates=sum(n - 1 for n in ids.values() if n > 1),
+        workers_lost=snap["pools"].get(config.engine.model, {}).get("lost", 0),
+        pool_errors=snap["pool_errors"],
+        status=job.get("status"),
+    )
+    if figures["queue_empty_s"] is not None and figures["scale_in_s"] is not None:
+        figures["empty_to_scale_in_s"] = round(figures["scale_in_s"] - figures["queue_empty_s"], 2)
+    ray.get(controller.shutdown.remote(), timeout=120)
+    ray.kill(controller, no_restart=True)
+    return {"figures": figures, "timeline": timeline, "final": timeline[-1] if timeline else {}}
+
+
 if __name__ == "__main__":
     _kind, _address, _work, _out = sys.argv[1:5]
-    _result = scenario(_kind, _address, Path(_work))
+    if _kind == "controller":
+        _result = controller_scenario(_address, Path(_work))
+    else:
+        _result = scenario(_kind, _address, Path(_work))
     Path(_out).write_text(json.dumps(_result))

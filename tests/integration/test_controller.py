@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from inference.config import ScalingConfig
-from inference.controller import IDLE_GRACE_S, desired_workers
+from inference.fleet import IDLE_GRACE_S, desired_workers
 from tests.integration.test_api import api_config, cluster_services
 
 

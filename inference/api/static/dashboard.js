@@ -162,6 +162,18 @@
         : num(w.last_batch_size) + " items · " + num(w.last_batch_tokens) + " tok"),
       el("td", {}, duration(w.busy_s)))), "#workers-empty");
 
+    $("#pools").replaceChildren(...Object.entries(s.pools || {}).map(([name, p]) => {
+      let text = "pool " + name + ": " + (p.mode || "fixed") + ", " + num(p.workers) + " workers";
+      if (p.mode === "autoscale" && p.desired != null) {
+        text += " (desired " + num(p.desired) + ", " + p.reason + "; " + num(p.draining || 0)
+          + " draining; " + num(p.demand || 0) + " requested from Ray)";
+        if (p.at_risk && p.at_risk.length) text += " · deadline at risk: " + p.at_risk.join(", ");
+      }
+      const error = (s.pool_errors || {})[name];
+      if (error) text += " · stopped: " + error;
+      return el("li", { class: "pool", "data-pool": name }, text);
+    }));
+
     fill($("#dead tbody"), s.dead_letters.map((d) => el("tr", { class: "dead-letter" },
       el("td", {}, d.job), el("td", {}, d.custom_id), el("td", {}, d.reason),
       el("td", {}, d.error_code || ""), el("td", { class: "msg" }, d.message),
