@@ -132,12 +132,17 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def export_jsonl(config: Config, job_id: str, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``<job>_output.jsonl`` and ``<job>_errors.jsonl`` (OpenAI batch line format)."""
+def export_jsonl(
+    config: Config, job_id: str, out_dir: Path, endpoint: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``<job>_output.jsonl`` and ``<job>_errors.jsonl`` (OpenAI batch line format).
+    ``endpoint`` shapes the answers (``/v1/completions``: text completions); None: each row
+    decides (an embedding, else a chat completion)."""
     job_dir = JobOutput(config.output.path, job_id, config.output.format).base
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, chunks in (("output", output_jsonl(job_dir)), ("errors", error_jsonl(job_dir))):
+    outputs = output_jsonl(job_dir, endpoint)
+    for name, chunks in (("output", outputs), ("errors", error_jsonl(job_dir))):
         path = out_dir / f"{job_id}_{name}.jsonl"
         _write_chunks(path, chunks)
         written.append(path)

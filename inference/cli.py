@@ -297,12 +297,18 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="Folder for the files.")] = Path("."),
 ) -> None:
     """Write OpenAI batch output and error files (JSONL) from a job's committed results."""
-    from inference.admin import export_jsonl
+    from inference.admin import QueueAccess, export_jsonl
 
     if format != "jsonl":
         console.print("[red]error:[/] --format must be jsonl")
         raise typer.Exit(2)
-    out, err = export_jsonl(_load_optional(config, output), job, to)
+    cfg = _load_optional(config, output)
+    try:  # the queue knows the job's endpoint; a job of one endpoint is shaped after it
+        urls = QueueAccess(cfg).call("job_urls", job)
+    except InferenceError:  # no queue here (results copied elsewhere): each row decides
+        urls = []
+    endpoint = urls[0] if len(urls) == 1 else None
+    out, err = export_jsonl(cfg, job, to, endpoint)
     console.print(f"wrote {out} and {err}")
 
 

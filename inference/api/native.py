@@ -217,7 +217,7 @@ async def retrieve_item(
             None if path is None else await run_in_threadpool(find_result, output, path, custom_id)
         )
         if row is not None:
-            out.update(output_line(row))
+            out.update(output_line(row, item.get("url")))
     elif item["state"] == "dead":
         dead = {
             "job_id": job_id,

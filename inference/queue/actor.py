@@ -242,6 +242,9 @@ class WorkQueue:
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         return self._store.item(job_id, item_id)
 
+    def job_urls(self, job_id: str) -> list[str]:
+        return self._store.job_urls(job_id)
+
     def item_states(
         self, job_id: str, limit: int = 10_000, after: int = 0
     ) -> list[tuple[int, str, str]]:

@@ -18,7 +18,7 @@ def item(db: sqlite3.Connection, job_id: str, item_id: str) -> dict[str, Any] | 
     """One item's state and attempt record (None when the job has no such item)."""
     row = db.execute(
         "SELECT state, attempts, shard, error_kind, error_code, error_message, epoch,"
-        " n_error, n_expired, n_lost, not_before, worker, history"
+        " n_error, n_expired, n_lost, not_before, worker, history, json_extract(payload, '$.url')"
         " FROM items WHERE job_id = ? AND item_id = ?",
         (job_id, item_id),
     ).fetchone()
@@ -38,7 +38,19 @@ def item(db: sqlite3.Connection, job_id: str, item_id: str) -> dict[str, Any] | 
         "retry_at": row[10] if row[0] == WAITING else None,
         "worker": row[11],
         "history": json.loads(row[12] or "[]"),
+        "url": row[13],
     }
+
+
+def job_urls(db: sqlite3.Connection, job_id: str) -> list[str]:
+    """The distinct endpoints (``url``) of a job's items (one pass over them)."""
+    return sorted(
+        url
+        for (url,) in db.execute(
+            "SELECT DISTINCT json_extract(payload, '$.url') FROM items WHERE job_id = ?", (job_id,)
+        )
+        if url
+    )
 
 
 def item_states(

@@ -798,6 +798,11 @@ class QueueStore:
         self._sweep()
         return reports.item(self._db, job_id, item_id)
 
+    def job_urls(self, job_id: str) -> list[str]:
+        """The distinct endpoints of a job's items (for exports: how to shape the answers)."""
+        self._m.job(job_id)
+        return reports.job_urls(self._db, job_id)
+
     def item_states(
         self, job_id: str, limit: int = 10_000, after: int = 0
     ) -> list[tuple[int, str, str]]:

@@ -420,6 +420,21 @@ def test_a_job_outside_its_run_window_waits_while_others_run(http: httpx.Client)
     assert http.post("/v1/jobs/nightly/cancel").status_code == 200
 
 
+def test_an_item_is_answered_in_the_shape_of_its_endpoint(http: httpx.Client) -> None:
+    assert http.post("/v1/jobs", json={"job_id": "shapes"}).status_code == 200
+    items = [
+        {"custom_id": cid, "url": line["url"], "body": line["body"], "urgent": True}
+        for cid, line in (("c", _line("c", "/v1/completions")), ("m", _line("m")))
+    ]
+    assert http.post("/v1/jobs/shapes/items", json={"items": items}).status_code == 200
+    shapes = {}
+    for cid in ("c", "m"):
+        got = http.get(f"/v1/jobs/shapes/items/{cid}", params={"wait_s": 90}).json()
+        assert got["status"] == "completed", got
+        shapes[cid] = got["response"]["body"]["object"]
+    assert shapes == {"c": "text_completion", "m": "chat.completion"}
+
+
 def test_an_urgent_item_is_answered_while_a_batch_backlog_waits(
     http: httpx.Client, client: Any, tmp_path: Path
 ) -> None:

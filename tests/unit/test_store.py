@@ -221,6 +221,14 @@ def test_outside_its_windows_a_job_is_not_leased(store: QueueStore, wall: Clock)
     assert again.stats("nightly")["windows"] == ["01:00-02:00"]
 
 
+def test_items_know_their_endpoint(store: QueueStore) -> None:
+    payload = '{"body":{"prompt":"x"},"url":"/v1/completions"}'
+    store.enqueue("job", [NewItem("a", payload), NewItem("b", payload)])
+    assert store.job_urls("job") == ["/v1/completions"]
+    item = store.item("job", "a")
+    assert item is not None and item["url"] == "/v1/completions"
+
+
 def test_pause_and_cancel(store: QueueStore) -> None:
     store.enqueue("job", items("a", "b"))
     store.set_job_state("job", "paused")
