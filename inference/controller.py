@@ -46,7 +46,7 @@ from inference.config import Config
 from inference.export import error_jsonl, output_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.metrics import record_ray as record_ray_metrics
-from inference.progress import Tracker
+from inference.progress import History, Tracker
 from inference.queue.actor import NAMESPACE, get_queue, head_node_id
 from inference.runner import finalize, job_spec
 from inference.schema import CUSTOM_ID, URL_TASKS
@@ -138,6 +138,7 @@ class Controller:
         self._jobs: dict[str, dict[str, Any]] = {r["id"]: r for r in self._registry.load()}
         self._trackers: dict[str, Tracker] = {}
         self._progress: dict[str, dict[str, Any]] = {}
+        self._history = History()
         self._fleet = Fleet(self._queue, self._registry)
         self._backlog = 0
         self._settled = (0.0, 0)  # (time, done + dead of every job) for the drain rate
@@ -172,6 +173,11 @@ class Controller:
                 "pool_errors": dict(self._fleet.errors),
                 "loop_alive": self._thread.is_alive(),
             }
+
+    def throughput(self) -> dict[str, list[float]]:
+        """Items and tokens per second of the live jobs, one point per tick, oldest first."""
+        with self._lock:
+            return self._history.as_dict()
 
     def shutdown(self) -> None:
         """Stop the loop and drain every pool (tests, and a planned stop)."""
@@ -453,6 +459,9 @@ class Controller:
             except Exception:
                 logger.exception("job %s: cannot advance from %s", rec["id"], rec["status"])
         self._measure(stats, now)
+        with self._lock:
+            live = [self._progress[r["id"]] for r in watched if r["id"] in self._progress]
+            self._history.add(time.time(), live)
         record_ray_metrics(stats, self._progress, self._jobs)
         self._size_pools(stats, now)
 

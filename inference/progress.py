@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -129,3 +130,30 @@ class Tracker:
             state=state,
             next_run_at=next_run if waiting else None,
         )
+
+
+HISTORY_POINTS = 720
+
+
+@dataclass
+class History:
+    """Cluster throughput over time for the dashboard's chart: one point per Controller tick
+    (the newest ``HISTORY_POINTS``), so every server, and one started later, shows the same."""
+
+    t: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+    items_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+    tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+
+    def add(self, t: float, progress: Iterable[Mapping[str, Any]]) -> None:
+        """A point at Unix time ``t``: the sum of the rates of the jobs' ``progress``."""
+        rows = list(progress)
+        self.t.append(t)
+        self.items_per_s.append(sum(float(p.get("items_per_s") or 0.0) for p in rows))
+        self.tokens_per_s.append(sum(float(p.get("tokens_per_s") or 0.0) for p in rows))
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {
+            "t": list(self.t),
+            "items_per_s": list(self.items_per_s),
+            "tokens_per_s": list(self.tokens_per_s),
+        }

@@ -16,8 +16,7 @@ import logging
 import mimetypes
 import re
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,31 +48,6 @@ _HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"}
 _LIVE = ("queued", "running", "finalizing", "cancelling", "expiring")
 MAX_JOBS = 50
 DEAD_LETTERS_PER_JOB = 20
-HISTORY_POINTS = 720
-HISTORY_STEP_S = 1.0
-
-
-@dataclass
-class History:
-    """Throughput samples for the chart: one per ``HISTORY_STEP_S`` at most, kept in memory."""
-
-    t: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    items_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-
-    def add(self, t: float, items_per_s: float, tokens_per_s: float) -> None:
-        if self.t and t - self.t[-1] < HISTORY_STEP_S:
-            return
-        self.t.append(t)
-        self.items_per_s.append(items_per_s)
-        self.tokens_per_s.append(tokens_per_s)
-
-    def as_dict(self) -> dict[str, list[float]]:
-        return {
-            "t": list(self.t),
-            "items_per_s": list(self.items_per_s),
-            "tokens_per_s": list(self.tokens_per_s),
-        }
 
 
 @dataclass
@@ -100,16 +74,8 @@ def _live(rec: dict[str, Any]) -> bool:
     return rec["status"] in _LIVE or (rec["kind"] == "native" and rec["status"] == "completed")
 
 
-def _history(request: Request) -> History:
-    history = getattr(request.app.state, "dashboard_history", None)
-    if history is None:
-        history = request.app.state.dashboard_history = History()
-    return history
-
-
 async def observe(request: Request) -> Observation:
-    """Gather queue stats, the Controller's records (with progress) and the workers' info, and
-    add a point to the throughput history."""
+    """Gather queue stats, the Controller's records (with progress) and the workers' info."""
     state: ServerState = request.app.state.inference
     stats_ref = call(state.queue.stats.remote(), 10)
     natives_ref = call(state.controller.jobs.remote(100, None), 10)
@@ -119,14 +85,7 @@ async def observe(request: Request) -> Observation:
     records = {r["id"]: r for r in [*natives, *batches]}
     workers = await _workers(request, list(snapshot.get("pools", {})))
     rates = {job_id: await _cost_rate(state, job_id) for job_id in stats["jobs"]}
-    obs = Observation(time.time(), stats["jobs"], snapshot, records, workers, rates)
-    live = obs.progress().values()
-    _history(request).add(
-        obs.at,
-        sum(float(p.get("items_per_s") or 0.0) for p in live),
-        sum(float(p.get("tokens_per_s") or 0.0) for p in live),
-    )
-    return obs
+    return Observation(time.time(), stats["jobs"], snapshot, records, workers, rates)
 
 
 async def _cost_rate(state: ServerState, job_id: str) -> float:
@@ -311,7 +270,7 @@ async def dashboard_state(request: Request) -> dict[str, Any]:
         "workers": obs.workers,
         "pools": obs.snapshot.get("pools", {}),
         "pool_errors": obs.snapshot.get("pool_errors", {}),
-        "throughput": _history(request).as_dict(),
+        "throughput": await call(state.controller.throughput.remote(), 10),
         "ray_dashboard_url": _ray_dashboard_url(request),
     }
 

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from inference.progress import Sample, Tracker, eta_s, rate
+from inference.progress import HISTORY_POINTS, History, Sample, Tracker, eta_s, rate
 from inference.queue.backoff import backoff_s
 from inference.schedule import describe_next_run
 
@@ -74,3 +74,12 @@ def test_rate_uses_the_recent_window() -> None:
     ]
     assert rate(samples, "done", 5) > 9  # sped up lately; the old slow part is ignored
     assert eta_s(0, 0, 0, 0) == 0.0
+
+
+def test_history_sums_the_live_jobs_and_keeps_the_newest_points() -> None:
+    history = History()
+    for t in range(HISTORY_POINTS + 5):
+        history.add(float(t), [{"items_per_s": 1.0, "tokens_per_s": 10.0}, {"items_per_s": None}])
+    d = history.as_dict()
+    assert len(d["t"]) == HISTORY_POINTS and d["t"][0] == 5.0
+    assert set(d["items_per_s"]) == {1.0} and set(d["tokens_per_s"]) == {10.0}
