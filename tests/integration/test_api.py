@@ -534,6 +534,40 @@ def test_metrics_parse_as_prometheus_text(http: httpx.Client) -> None:
     assert http.get("/healthz").json()["status"] == "ok"
 
 
+def test_the_controller_exports_the_figures_through_ray_metrics(http: httpx.Client) -> None:
+    """The same figures go to Ray's own metrics endpoint (what its Prometheus scrapes and its
+    Grafana charts), from the Controller's loop: read them there, as Prometheus would."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert http.post("/v1/jobs", json={"job_id": "ray-metrics"}).status_code == 200
+    item = {"custom_id": "r-0", "url": "/v1/chat/completions", "body": _line("r")["body"]}
+    assert http.post("/v1/jobs/ray-metrics/items", json={"items": [item]}).status_code == 200
+    assert http.get("/v1/jobs/ray-metrics/items/r-0", params={"wait_s": 90}).json()["status"] == (
+        "completed"
+    )
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {"ray_inference_queue_items", "ray_inference_gpu_seconds", "ray_inference_cost"}
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        samples = {
+            (sample.name, sample.labels.get("state")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels.get("job") == "ray-metrics"
+        }
+        if {name for name, _ in samples} >= wanted and samples.get(
+            ("ray_inference_queue_items", "done")
+        ):
+            break
+        assert time.monotonic() < deadline, sorted(samples)
+        time.sleep(1)
+    assert samples[("ray_inference_queue_items", "done")] == 1.0
+    assert samples[("ray_inference_queue_items", "pending")] == 0.0
+    assert samples[("ray_inference_gpu_seconds", None)] > 0
+
+
 # ------------------------------------------------------------------------------ protection
 def test_tokens_are_required_and_checked(server: str) -> None:
     assert httpx.get(f"{server}/healthz").status_code == 200
