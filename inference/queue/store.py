@@ -790,7 +790,8 @@ class QueueStore:
             "busy_s": job.busy_s,
             "not_before": job.spec.not_before,
             "windows": list(job.spec.windows),
-            "next_run_at": job.schedule.next_run_at(wall),
+            # 0: it may lease now (a time would be later than a caller's clock read before).
+            "next_run_at": next_run if (next_run := job.schedule.next_run_at(wall)) > wall else 0.0,
         }
 
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:

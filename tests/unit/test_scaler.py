@@ -310,6 +310,8 @@ def test_backlog_ignores_items_that_cannot_be_leased() -> None:
     later = stats(pending=5, pending_tokens=50, not_before=100.0)
     assert backlog_entries(later, wall=50.0) == []
     assert backlog_entries(later, wall=150.0)[0].pending_items == 5
+    open_now = stats(pending=5, pending_tokens=50, next_run_at=0.0)  # the queue's "now"
+    assert backlog_entries(open_now, wall=50.0)[0].pending_items == 5
     closed = stats(pending=5, pending_tokens=50, leased=1, next_run_at=100.0)  # out of window
     assert [(e.pending_items, e.leased_items) for e in backlog_entries(closed, 50.0)] == [(0, 1)]
     cancelled = backlog_entries(stats(state="cancelled", pending=5, leased=2), 0.0)
