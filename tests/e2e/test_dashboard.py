@@ -198,6 +198,7 @@ async def _drive(ws_url: str, base: str, job: str, shot: Path) -> dict[str, Any]
               error: document.querySelector('#error').hidden ? null
                      : document.querySelector('#error').textContent,
               workers: document.querySelectorAll('#workers tr.worker').length,
+              pools: [...document.querySelectorAll('#pools li.pool')].map(e => e.textContent),
               depth: document.querySelector('#depth').innerText,
               cards: document.querySelector('#cards').innerText,
               resources: [location.href,
@@ -257,6 +258,7 @@ def test_dashboard_shows_a_live_job_in_a_real_browser(
     assert page["error"] is None
     assert page["chart"], "no throughput chart"
     assert page["workers"] >= 1
+    assert any(p.startswith("pool tiny-llama: fixed, 1 worker") for p in page["pools"]), page
     assert "pending" in page["depth"] and "priority" in page["depth"]
     # Every request of the page went to this server, nowhere else.
     urls = seen["requested"] + page["resources"]

@@ -163,7 +163,8 @@
       el("td", {}, duration(w.busy_s)))), "#workers-empty");
 
     $("#pools").replaceChildren(...Object.entries(s.pools || {}).map(([name, p]) => {
-      let text = "pool " + name + ": " + (p.mode || "fixed") + ", " + num(p.workers) + " workers";
+      let text = "pool " + name + ": " + (p.mode || "fixed") + ", " + num(p.workers)
+        + (p.workers === 1 ? " worker" : " workers");
       if (p.mode === "autoscale" && p.desired != null) {
         text += " (desired " + num(p.desired) + ", " + p.reason + "; " + num(p.draining || 0)
           + " draining; " + num(p.demand || 0) + " requested from Ray)";
