@@ -133,7 +133,8 @@ def test_kill_9_of_workers_mid_batch_loses_and_duplicates_nothing(
     ray_cluster: Path, queue_db: Path, tmp_path: Path, seed: int
 ) -> None:
     rng = random.Random(seed)
-    path = write_items(tmp_path / "in.jsonl", 3000, seed)
+    # Answers long enough that the job outlives several kills on a fast machine too.
+    path = write_items(tmp_path / "in.jsonl", 3000, seed, max_tokens=(6, 12))
     job_id = f"kill-workers-{seed}"
     thread, box = run_in_thread(path, config_for(tmp_path, queue_db), job_id)
     kills = 0
