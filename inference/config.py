@@ -7,7 +7,6 @@ and a bad file fails with the field path and the reason before any work starts.
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -17,10 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inference.errors import ConfigError
+from inference.schedule import parse_window
 
 logger = logging.getLogger(__name__)
-
-_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 
 
 class _Section(BaseModel):
@@ -196,8 +194,7 @@ class ScheduleConfig(_Section):
     @model_validator(mode="after")
     def _check_windows(self) -> ScheduleConfig:
         for window in self.windows:
-            if not _WINDOW.match(window):
-                raise ValueError(f"window {window!r} is not HH:MM-HH:MM")
+            parse_window(window)
         try:
             ZoneInfo(self.timezone)
         except (ValueError, ZoneInfoNotFoundError):

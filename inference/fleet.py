@@ -22,6 +22,7 @@ from inference.autoscale import Autoscaler, ResourceDemand, deadline_ts
 from inference.cluster import cluster_slots
 from inference.config import Config, ScalingConfig
 from inference.pool import WorkerPool
+from inference.scaler import can_lease
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ def desired_workers(
 
 def runnable_backlog(st: dict[str, Any], wall: float) -> int:
     """Items of one job (queue stats) a pool should have workers for."""
-    due = float(st.get("next_run_at", st.get("not_before", 0.0)) or 0.0)
-    runnable = st["state"] == "active" and due <= wall
-    return (int(st["pending"]) if runnable else 0) + int(st["leased"])
+    return (int(st["pending"]) if can_lease(st, wall) else 0) + int(st["leased"])
 
 
 class Fleet:

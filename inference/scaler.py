@@ -217,6 +217,13 @@ def decide(inp: ScalerInput, policy: Policy) -> Decision:
     return done(workers, needed, "steady", at_risk)
 
 
+def can_lease(job: dict[str, Any], wall: float) -> bool:
+    """Whether a job's pending items may be leased at ``wall`` (from ``WorkQueue.stats``): the
+    job is active and due (``next_run_at``, 0 meaning now; without it, ``not_before``)."""
+    due = float(job.get("next_run_at", job.get("not_before")) or 0.0)
+    return job.get("state", "active") == "active" and due <= wall
+
+
 def backlog_entries(
     job: dict[str, Any], wall: float, deadline: float | None = None
 ) -> list[Backlog]:
@@ -227,9 +234,7 @@ def backlog_entries(
     the measured throughput. Items of a job that is not active, or not due yet (``not_before``),
     do not count, nor those of a job outside its run windows (``next_run_at``); its leased
     items do."""
-    pending = int(job["pending"]) if job.get("state", "active") == "active" else 0
-    if float(job.get("next_run_at", job.get("not_before")) or 0.0) > wall:
-        pending = 0
+    pending = int(job["pending"]) if can_lease(job, wall) else 0
     leased = int(job["leased"])
     if pending == 0 and leased == 0:
         return []

@@ -14,28 +14,23 @@ force before the change, as :mod:`zoneinfo` does by default).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 DAY_MIN = 24 * 60
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
 def parse_window(text: str) -> tuple[int, int]:
     """``"22:00-06:00"`` -> minutes after midnight of its start and end."""
-    try:
-        start, end = text.split("-")
-        minutes = []
-        for part in (start, end):
-            hours, mins = part.split(":")
-            value = int(hours) * 60 + int(mins)
-            if not 0 <= int(hours) < 24 or not 0 <= int(mins) < 60:
-                raise ValueError
-            minutes.append(value)
-    except ValueError:
-        raise ValueError(f"window {text!r} is not HH:MM-HH:MM") from None
-    return minutes[0], minutes[1]
+    match = _WINDOW.match(text)
+    if match is None:
+        raise ValueError(f"window {text!r} is not HH:MM-HH:MM")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 def _local(day: datetime, minute: int, zone: ZoneInfo) -> float:
