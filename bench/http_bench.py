@@ -151,30 +151,37 @@ def stop_server(proc: subprocess.Popen[bytes], ray_tmp: str) -> None:
 
 
 async def bulk(url: str, job: str, requests: int, clients: int, size: int) -> dict[str, Any]:
+    """``clients`` keep-alive connections, each sending its next request when the last one is
+    answered (closed loop); the bare client of :class:`Connection`, so that the client's own
+    CPU takes as little as it can from the two cores the server and the queue share."""
     bodies = [body("bulk", n, size) for n in range(requests)]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for b in bodies:
         queue.put_nowait(b)
     accepted = 0
     latencies: list[float] = []
+    path = f"/v1/jobs/{job}/items"
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(conn: Connection) -> None:
         nonlocal accepted
         while not queue.empty():
             payload = queue.get_nowait()
             start = time.perf_counter()
-            reply = await http.post(f"/v1/jobs/{job}/items", content=payload)
+            status, reply = await conn.post(path, payload)
             latencies.append(time.perf_counter() - start)
-            if reply.status_code != 200:
-                raise SystemExit(f"bulk enqueue failed: {reply.status_code} {reply.text[:300]}")
-            accepted += reply.json()["accepted"]
+            if status != 200:
+                raise SystemExit(f"bulk enqueue failed: {status} {reply[:300]!r}")
+            accepted += json.loads(reply)["accepted"]
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers=HEADERS, limits=limits, timeout=60) as http:
-        await http.post(f"/v1/jobs/{job}/items", content=body("warm", 0, size))
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - start
+    conns = [await Connection.open(url) for _ in range(clients)]
+    status, reply = await conns[0].post(path, body("warm", 0, size))
+    if status != 200:
+        raise SystemExit(f"warm-up enqueue failed: {status} {reply[:300]!r}")
+    start = time.perf_counter()
+    await asyncio.gather(*(client(conn) for conn in conns))
+    wall = time.perf_counter() - start
+    for conn in conns:
+        conn.close()
     assert accepted == requests * size, accepted
     latencies.sort()
     return {
@@ -185,8 +192,8 @@ async def bulk(url: str, job: str, requests: int, clients: int, size: int) -> di
 
 
 class Connection:
-    """A bare keep-alive HTTP/1.1 connection: the open-loop phase needs a client far cheaper
-    than the server it measures (httpx costs about a millisecond of CPU a request here)."""
+    """A bare keep-alive HTTP/1.1 connection: the benchmark needs a client far cheaper than the
+    server it measures (httpx costs about a millisecond of CPU a request here)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -196,7 +203,7 @@ class Connection:
         host, port = url.removeprefix("http://").split(":")
         return cls(*await asyncio.open_connection(host, int(port)))
 
-    async def post(self, path: str, payload: bytes) -> int:
+    async def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
@@ -208,8 +215,8 @@ class Connection:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
-        await self.reader.readexactly(length)
-        return int(status_line.split()[1])
+        reply = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), reply
 
     def close(self) -> None:
         self.writer.close()
@@ -227,7 +234,7 @@ async def single(url: str, job: str, requests: int, rate: float) -> dict[str, An
     async def one(payload: bytes, due: float) -> None:
         nonlocal failures
         conn = await idle.get()
-        status = await conn.post(path, payload)
+        status, _ = await conn.post(path, payload)
         idle.put_nowait(conn)
         latencies.append(time.perf_counter() - due)
         failures += status != 200

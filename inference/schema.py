@@ -184,9 +184,15 @@ def parse_request(url: Any, body: Any) -> Request:
     )
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+"""``json.dumps(value, sort_keys=True, separators=(",", ":"))`` without building an encoder per
+call (json.dumps does that whenever an argument is not the default): the same text, about a
+third cheaper, on the API's hot path."""
+
+
 def encode_payload(url: str, body: dict[str, Any]) -> str:
     """The queue's payload text of an item: canonical JSON, so equal requests compare equal."""
-    return json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"))
+    return _CANONICAL({"url": url, "body": body})
 
 
 def decode_payload(payload: str) -> Request:
