@@ -534,6 +534,29 @@ def test_metrics_parse_as_prometheus_text(http: httpx.Client) -> None:
     assert http.get("/healthz").json()["status"] == "ok"
 
 
+def test_enqueue_requests_are_counted_by_route_and_status(http: httpx.Client) -> None:
+    """/metrics counts requests by route template (not by path: one series per route)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def enqueue_404s() -> float:
+        text = http.get("/metrics").text
+        family = next(
+            f for f in text_string_to_metric_families(text) if f.name == "inference_http_requests"
+        )
+        return sum(
+            s.value
+            for s in family.samples
+            if s.labels == {"method": "POST", "route": "/v1/jobs/{job_id}/items", "status": "404"}
+        )
+
+    before = enqueue_404s()
+    item = {"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}
+    reply = http.post("/v1/jobs/no-such-job/items", json={"items": [item]})
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "not_found"
+    assert enqueue_404s() == before + 1
+
+
 def test_the_controller_exports_the_figures_through_ray_metrics(http: httpx.Client) -> None:
     """The same figures go to Ray's own metrics endpoint (what its Prometheus scrapes and its
     Grafana charts), from the Controller's loop: read them there, as Prometheus would."""
