@@ -16,7 +16,10 @@ The bench job's items are not leasable (``schedule.not_before`` far ahead), so n
 and the figures are the API's and the queue's alone. Targets on a 2-core machine:
 ``bulk_items_per_s`` >= 20,000 and ``single_p99_ms`` <= 25.
 
+``--workers N`` serves with N server processes (``inference serve --workers``).
+
     .venv/bin/python bench/http_bench.py                 # about a minute
+    .venv/bin/python bench/http_bench.py --workers 2     # two server processes
     .venv/bin/python bench/http_bench.py --bulk-requests 100 --single-requests 400  # smoke
 """
 
@@ -71,7 +74,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(workdir: Path, port: int, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     config = workdir / "bench.yaml"
     config.write_text(
         "engine: {kind: transformers, model: tiny-llama, device: cpu}\n"
@@ -82,7 +85,16 @@ def start_server(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str
     env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": ray_tmp, "INFERENCE_API_TOKENS": TOKEN}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [INFERENCE, "serve", "--config", str(config), "--port", str(port)],
+        [
+            INFERENCE,
+            "serve",
+            "--config",
+            str(config),
+            "--workers",
+            str(workers),
+            "--port",
+            str(port),
+        ],
         cwd=REPO,
         env=env,
         stdout=(workdir / "serve.log").open("wb"),
@@ -106,7 +118,8 @@ def start_server(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str
 
 def cpu_by_process(sid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of every process in the server's session, grouped:
-    the server itself, the WorkQueue actor, the Controller actor, and the rest of Ray."""
+    the server itself (with its worker processes), the WorkQueue actor, the Controller actor, and
+    the rest of Ray."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for entry in Path("/proc").iterdir():
@@ -114,14 +127,15 @@ def cpu_by_process(sid: int) -> dict[str, float]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cmd = argv[0].decode(errors="replace")
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[3]) != sid:
             continue
-        if int(entry.name) == sid:
-            name = "server"
+        if int(entry.name) == sid or b"multiprocessing" in b" ".join(argv):
+            name = "server"  # the server, or one of its processes (--workers)
         elif "WorkQueue" in cmd:
             name = "queue_actor"
         elif "Controller" in cmd:
@@ -333,13 +347,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items-per-request", type=int, default=100)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
     parser.add_argument("--bulk-requests", type=int, default=400)
     parser.add_argument("--single-rate", type=float, default=200.0)
     parser.add_argument("--single-requests", type=int, default=2000)
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
-    proc, ray_tmp = start_server(workdir, free_port())
+    proc, ray_tmp = start_server(workdir, free_port(), args.workers)
     url = f"http://127.0.0.1:{proc.args[-1]}"
     result: dict[str, Any] = {}
     try:

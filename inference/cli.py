@@ -136,13 +136,17 @@ def serve(
         str | None, typer.Option(help="Bind address (default api.host: 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default api.port: 8000).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Server processes on the port (default api.workers: 1)."),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (OpenAI files and batches, native enqueue) on the Ray cluster it finds."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from inference.api.server import serve as serve_api
 
     try:
-        serve_api(config, host, port)
+        serve_api(config, host, port, workers)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -220,6 +220,12 @@ class ApiConfig(_Section):
         "127.0.0.1", description="Address `inference serve` binds; non-loopback needs tokens."
     )
     port: int = Field(8000, ge=0, le=65535, description="Port `inference serve` listens on.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (each a Ray driver); more use more cores.",
+    )
     tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens.")
     state_dir: str | None = Field(
         None,

@@ -3,7 +3,10 @@ only, and every error in OpenAI's shape (``{"error": {"message", "type", "param"
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,16 +32,27 @@ _CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 def create_app(config: Config, queue: Any, controller: Any) -> FastAPI:
     """The API over a WorkQueue and a Controller actor handle. ``config`` is the server's:
     its engine runs the jobs created here, its ``api`` section sets tokens, limits and CORS."""
+    state = ServerState(
+        config=config, queue=queue, controller=controller, coalescer=Coalescer(queue)
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reporter = asyncio.get_running_loop().create_task(state.report_counters())
+        try:
+            yield
+        finally:
+            reporter.cancel()
+
     app = FastAPI(
         title="inference",
         version=__version__,
         summary="Batch inference on your own GPUs: the OpenAI Batch API and native enqueue.",
         docs_url=None,  # the Swagger page pulls scripts from a CDN; /openapi.json stays
         redoc_url=None,
+        lifespan=lifespan,
     )
-    app.state.inference = ServerState(
-        config=config, queue=queue, controller=controller, coalescer=Coalescer(queue)
-    )
+    app.state.inference = state
     for module in (openai_batches, files, native, ops, dashboard):
         app.include_router(module.router)
     _install_error_handlers(app)

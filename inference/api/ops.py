@@ -43,7 +43,8 @@ async def healthz(request: Request) -> JSONResponse:
         except Exception as exc:
             checks["snapshot"] = f"unavailable: {type(exc).__name__}"
             ok = False
-    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)
+    body = {"status": "ok" if ok else "unavailable", "server": state.server_id, **checks}
+    return JSONResponse(body, 200 if ok else 503)
 
 
 @router.get(
@@ -55,14 +56,15 @@ async def healthz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.inference
     obs = await observe(request)  # the dashboard's figures: progress, cost, workers
-    families = _families(obs.stats, obs.snapshot, state) + job_metrics.families(
+    counters = await state.counter_totals()  # of every server process
+    families = _families(obs.stats, obs.snapshot, counters) + job_metrics.families(
         obs.stats, obs.progress(), obs.workers, obs.cost_per_gpu_hour
     )
     return Response(job_metrics.render(families), media_type="text/plain; version=0.0.4")
 
 
 def _families(
-    stats: dict[str, dict[str, Any]], snapshot: dict[str, Any], state: ServerState
+    stats: dict[str, dict[str, Any]], snapshot: dict[str, Any], counters: dict[str, float]
 ) -> list[Family]:
     items = [
         ({"job": job_id, "state": s}, float(st[s]))
@@ -140,21 +142,22 @@ def _families(
             "inference_enqueue_requests_total",
             "counter",
             "Enqueue requests served (their items shared queue calls when they overlapped).",
-            [({}, float(state.coalescer.requests))],
+            [({}, counters.get("enqueue_requests", 0.0))],
         ),
         (
             "inference_enqueue_queue_calls_total",
             "counter",
             "WorkQueue.enqueue calls made for those requests.",
-            [({}, float(state.coalescer.calls))],
+            [({}, counters.get("enqueue_queue_calls", 0.0))],
         ),
         (
             "inference_http_requests_total",
             "counter",
-            "HTTP requests by method, route and status.",
+            "HTTP requests by method, route and status (of every server process).",
             [
-                ({"method": m, "route": r, "status": str(c)}, float(n))
-                for (m, r, c), n in state.requests.items()
+                (dict(zip(("method", "route", "status"), key.split(" ")[1:], strict=True)), n)
+                for key, n in counters.items()
+                if key.startswith("http ")
             ],
         ),
     ]

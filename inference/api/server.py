@@ -38,15 +38,19 @@ def state_dir(config: Config) -> str:
     return str(Path(queue_db_path(config, config.output.path)).parent)
 
 
-def server_config(config_path: str | Path, host: str | None, port: int | None) -> Config:
-    """The config with host, port and tokens from the command line and environment applied,
-    checked for a safe bind."""
+def server_config(
+    config_path: str | Path, host: str | None, port: int | None, workers: int | None = None
+) -> Config:
+    """The config with host, port, workers and tokens from the command line and environment
+    applied, checked for a safe bind."""
     config = load_config(config_path)
     updates: dict[str, Any] = {}
     if host is not None:
         updates["host"] = host
     if port is not None:
         updates["port"] = port
+    if workers is not None:
+        updates["workers"] = workers
     env_tokens = [t.strip() for t in os.environ.get("INFERENCE_API_TOKENS", "").split(",")]
     if any(env_tokens):
         updates["tokens"] = [*config.api.tokens, *(t for t in env_tokens if t)]
@@ -60,29 +64,67 @@ def server_config(config_path: str | Path, host: str | None, port: int | None) -
     return config
 
 
-def serve(config_path: str | Path, host: str | None = None, port: int | None = None) -> None:
-    """Run the HTTP API until interrupted. Raises ConfigError for a bad config or bind."""
+def serve(
+    config_path: str | Path,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+) -> None:
+    """Run the HTTP API until interrupted. Raises ConfigError for a bad config or bind.
+
+    With ``api.workers`` above 1, uvicorn's supervisor runs that many server processes on the
+    one port; each joins this process's Ray cluster (``RAY_ADDRESS``) and serves the same
+    WorkQueue and Controller. They hold no state of their own but short caches, so any of them
+    may answer any request."""
+    import ray
     import uvicorn
 
-    from inference.api.app import create_app
     from inference.cluster import connect
     from inference.controller import get_or_create_controller
     from inference.queue.actor import get_or_create_queue
     from inference.runner import queue_db_path
 
-    config = server_config(config_path, host, port)
+    config = server_config(config_path, host, port, workers)
     connect()
     queue = get_or_create_queue(
         queue_db_path(config, config.output.path), config.queue.max_item_bytes
     )
     controller = get_or_create_controller(state_dir(config))
-    app = create_app(config, queue, controller)
-    logger.info("serving on http://%s:%d", config.api.host, config.api.port)
-    uvicorn.run(
-        app,
-        host=config.api.host,
-        port=config.api.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
+    options: dict[str, Any] = {
+        "host": config.api.host,
+        "port": config.api.port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    logger.info(
+        "serving on http://%s:%d (%d process(es))",
+        config.api.host,
+        config.api.port,
+        config.api.workers,
     )
+    if config.api.workers == 1:
+        from inference.api.app import create_app
+
+        uvicorn.run(create_app(config, queue, controller), **options)
+        return
+    os.environ[CONFIG_ENV] = config.model_dump_json()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.api.workers, **options)
+
+
+CONFIG_ENV = "INFERENCE_SERVE_CONFIG_JSON"
+
+
+def worker_app() -> Any:
+    """The app of one server process under uvicorn's supervisor (``api.workers`` > 1): the
+    parent's config (from the environment), its Ray cluster, its actors."""
+    from inference.api.app import create_app
+    from inference.cluster import connect
+    from inference.controller import get_controller
+    from inference.queue.actor import get_queue
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = Config.model_validate_json(os.environ[CONFIG_ENV])
+    connect()
+    return create_app(config, get_queue(), get_controller())

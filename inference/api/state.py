@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_TTL_S = 1.0
 JOB_TTL_S = 2.0
 CALL_TIMEOUT_S = 60.0
+COUNTER_REPORT_S = 2.0
 _UNAVAILABLE: tuple[type[Exception], ...] = (RayActorError, GetTimeoutError, TimeoutError)
 if hasattr(ray.exceptions, "ActorUnavailableError"):
     _UNAVAILABLE += (ray.exceptions.ActorUnavailableError,)
@@ -74,6 +77,40 @@ class ServerState:
     requests: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
     woke_at: float = 0.0
+    # This process among the server's processes (`--workers`), for the Controller's sums.
+    server_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    reported: dict[str, float] = field(default_factory=dict)
+
+    def counters(self) -> dict[str, float]:
+        """This process's request counters, flat: ``enqueue_requests``, ``enqueue_queue_calls``
+        and ``http <method> <route> <status>``."""
+        out = {
+            "enqueue_requests": float(self.coalescer.requests),
+            "enqueue_queue_calls": float(self.coalescer.calls),
+        }
+        for (method, route, status), n in self.requests.items():
+            out[f"http {method} {route} {status}"] = float(n)
+        return out
+
+    async def counter_totals(self) -> dict[str, float]:
+        """Every server process's counters summed (through the Controller), this one's fresh."""
+        counters = self.counters()
+        totals: dict[str, float] = await call(
+            self.controller.server_counters.remote(self.server_id, counters), 10
+        )
+        self.reported = counters
+        return totals
+
+    async def report_counters(self, every_s: float = COUNTER_REPORT_S) -> None:
+        """Report this process's counters while it runs, when they changed, so that a scrape
+        reaching another process counts this one's requests too."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.counters() != self.reported:
+                try:
+                    await self.counter_totals()
+                except Exception as exc:  # the Controller restarting: report next time
+                    logger.debug("counter report failed: %s", exc)
 
     def wake_controller(self, job: dict[str, Any]) -> None:
         """New work for a job the Controller thinks idle (queued, or completed before): let

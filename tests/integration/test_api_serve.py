@@ -1,5 +1,6 @@
 """``inference serve`` in a subprocess with its own embedded Ray, killed (SIGKILL) mid-batch and
-started again on the same state: nothing it acknowledged is lost, nothing is done twice."""
+started again on the same state: nothing it acknowledged is lost, nothing is done twice. And
+``--workers 2``: two server processes on one port, one queue, one set of counters."""
 
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @contextmanager
-def serve(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def serve(
+    config: Path, port: int, log: Path, workers: int = 1
+) -> Iterator[subprocess.Popen[bytes]]:
     ray_tmp = tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # Ray's socket paths stay short
     env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": ray_tmp, "INFERENCE_API_TOKENS": TOKEN}
     env.pop("RAY_ADDRESS", None)
+    command = [INFERENCE, "serve", "--config", str(config), "--port", str(port)]
+    command += ["--workers", str(workers)]
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [INFERENCE, "serve", "--config", str(config), "--port", str(port)],
+            command,
             cwd=REPO,
             env=env,
             stdout=out,
@@ -157,3 +162,75 @@ def test_serve_killed_mid_batch_loses_nothing_it_acknowledged(tmp_path: Path) ->
             time.sleep(0.5)
             job = httpx.get(f"{url}/v1/jobs/keep", headers=headers).json()
         assert job["request_counts"]["completed"] == 30
+
+
+def _server_processes(parent: int) -> list[int]:
+    """The processes uvicorn's supervisor started to serve (multiprocessing spawns them)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == parent and b"spawn_main" in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(300)
+def test_serve_with_two_processes_shares_one_queue_and_one_set_of_counters(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "engine: {kind: transformers, model: tiny-llama, device: cpu}\n"
+        f"output: {{path: {tmp_path / 'out'}}}\n"
+    )
+    port, log = _free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    later = {"config": {"schedule": {"not_before": "2100-01-01T00:00:00Z"}}}  # nothing runs
+
+    def item(i: int) -> dict[str, object]:
+        return {"custom_id": f"i-{i}", "url": "/v1/embeddings", "body": {"input": f"text {i}"}}
+
+    with serve(config, port, log, workers=2) as proc:
+        assert len(_server_processes(proc.pid)) == 2, log.read_text()[-3000:]
+        reply = httpx.post(f"{url}/v1/jobs", json={"job_id": "two", **later}, headers=headers)
+        assert reply.is_success, reply.text
+        statuses = []
+        for n in range(40):  # a new connection each: the kernel spreads them over both
+            items = [item(i) for i in range(n * 5, n * 5 + 5)] + [item(0)]  # item 0 again
+            reply = httpx.post(f"{url}/v1/jobs/two/items", json={"items": items}, headers=headers)
+            assert reply.status_code == 200, reply.text
+            statuses += [d["status"] for d in reply.json()["data"]]
+        answered_by = set()  # both processes answer (a new connection each time)
+        for _ in range(200):
+            answered_by.add(httpx.get(f"{url}/healthz").json()["server"])
+            if len(answered_by) == 2:
+                break
+        assert len(answered_by) == 2, answered_by
+        assert statuses.count("accepted") == 200  # every item once, whichever process took it
+        assert statuses.count("duplicate") == 40
+        job = httpx.get(f"{url}/v1/jobs/two", headers=headers).json()
+        assert job["request_counts"]["total"] == 200
+
+        def enqueue_requests() -> float:
+            text = httpx.get(f"{url}/metrics", headers=headers).text
+            line = next(x for x in text.splitlines() if x.startswith("inference_enqueue_req"))
+            return float(line.split()[-1])
+
+        # Each process reports its counters within seconds; a scrape reaching either one then
+        # counts the requests of both.
+        deadline = time.monotonic() + 30
+        while (seen := [enqueue_requests() for _ in range(6)]) != [40.0] * 6:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.5)
+        children = _server_processes(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    for pid in children:  # the supervisor took its processes down with it
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()

@@ -80,7 +80,7 @@ def _text() -> str:
     config = load_config(REPO / "configs" / "tiny-cpu.yaml")
     state = ServerState(config=config, queue=None, controller=None, coalescer=Coalescer(None))
     state.requests = Counter({("GET", "/metrics", 200): 2})
-    families = _families(stats, snapshot, state)
+    families = _families(stats, snapshot, state.counters())
     families += metrics.families(stats, {"job-a": PROGRESS}, [WORKER], {"job-a": 2.0, "job-b": 2.0})
     return metrics.render(families)
 
@@ -95,6 +95,8 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def test_metrics_text_parses_and_carries_every_series() -> None:
     samples = _samples(_text())
+    requests = samples["inference_http_requests_total"]
+    assert requests == [({"method": "GET", "route": "/metrics", "status": "200"}, 2.0)]
     for name in (
         "inference_queue_depth",
         "inference_queue_pending_by_priority",
