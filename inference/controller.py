@@ -145,7 +145,7 @@ class Controller:
         self._items_per_s = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._server_counters: dict[str, dict[str, float]] = {}
+        self._server_counters: dict[str, dict[tuple[str, ...], float]] = {}
         self._release_lost_workers()
         self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
         self._thread.start()
@@ -159,7 +159,9 @@ class Controller:
         """Run the loop now (new work arrived)."""
         self._wake.set()
 
-    def server_counters(self, server: str, counters: dict[str, float]) -> dict[str, float]:
+    def server_counters(
+        self, server: str, counters: dict[tuple[str, ...], float]
+    ) -> dict[tuple[str, ...], float]:
         """The request counters of every API server process, summed: each process reports its
         own (counted since it started) and gets the sum back, so ``/metrics`` says the same
         whichever process a scrape reaches (``inference serve --workers N``). A report replaces
@@ -167,7 +169,7 @@ class Controller:
         go down while the Controller lives."""
         with self._lock:
             self._server_counters[server] = dict(counters)
-            totals: dict[str, float] = {}
+            totals: dict[tuple[str, ...], float] = {}
             for reported in self._server_counters.values():
                 for key, n in reported.items():
                     totals[key] = totals.get(key, 0.0) + n

@@ -148,7 +148,7 @@ def _job_row(
         fraction = min(fraction, 0.999)
     eta_s = (progress.get("eta_s") if remaining else 0.0) if progress else None
     cost, to_finish = job_cost(st, rate)
-    next_run = float(st.get("next_run_at") or st.get("not_before") or 0.0)
+    next_run = float(st.get("next_run_at") or 0.0)  # 0: it may lease now
     return {
         "id": job_id,
         "kind": rec["kind"] if rec else "run",

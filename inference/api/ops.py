@@ -64,7 +64,9 @@ async def metrics(request: Request) -> Response:
 
 
 def _families(
-    stats: dict[str, dict[str, Any]], snapshot: dict[str, Any], counters: dict[str, float]
+    stats: dict[str, dict[str, Any]],
+    snapshot: dict[str, Any],
+    counters: dict[tuple[str, ...], float],
 ) -> list[Family]:
     items = [
         ({"job": job_id, "state": s}, float(st[s]))
@@ -142,22 +144,22 @@ def _families(
             "inference_enqueue_requests_total",
             "counter",
             "Enqueue requests served (their items shared queue calls when they overlapped).",
-            [({}, counters.get("enqueue_requests", 0.0))],
+            [({}, counters.get(("enqueue_requests",), 0.0))],
         ),
         (
             "inference_enqueue_queue_calls_total",
             "counter",
             "WorkQueue.enqueue calls made for those requests.",
-            [({}, counters.get("enqueue_queue_calls", 0.0))],
+            [({}, counters.get(("enqueue_queue_calls",), 0.0))],
         ),
         (
             "inference_http_requests_total",
             "counter",
             "HTTP requests by method, route and status (of every server process).",
             [
-                (dict(zip(("method", "route", "status"), key.split(" ")[1:], strict=True)), n)
+                (dict(zip(("method", "route", "status"), key[1:], strict=True)), n)
                 for key, n in counters.items()
-                if key.startswith("http ")
+                if key[0] == "http"
             ],
         ),
     ]

@@ -18,6 +18,8 @@ from inference.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+CONFIG_ENV = "INFERENCE_SERVE_CONFIG_JSON"  # the checked config, for `--workers` processes
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -111,9 +113,6 @@ def serve(
     os.environ[CONFIG_ENV] = config.model_dump_json()
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.api.workers, **options)
-
-
-CONFIG_ENV = "INFERENCE_SERVE_CONFIG_JSON"
 
 
 def worker_app() -> Any:

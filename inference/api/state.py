@@ -79,23 +79,23 @@ class ServerState:
     woke_at: float = 0.0
     # This process among the server's processes (`--workers`), for the Controller's sums.
     server_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    reported: dict[str, float] = field(default_factory=dict)
+    reported: dict[tuple[str, ...], float] = field(default_factory=dict)
 
-    def counters(self) -> dict[str, float]:
-        """This process's request counters, flat: ``enqueue_requests``, ``enqueue_queue_calls``
-        and ``http <method> <route> <status>``."""
-        out = {
-            "enqueue_requests": float(self.coalescer.requests),
-            "enqueue_queue_calls": float(self.coalescer.calls),
+    def counters(self) -> dict[tuple[str, ...], float]:
+        """This process's request counters: ``("enqueue_requests",)``,
+        ``("enqueue_queue_calls",)`` and ``("http", method, route, status)``."""
+        out: dict[tuple[str, ...], float] = {
+            ("enqueue_requests",): float(self.coalescer.requests),
+            ("enqueue_queue_calls",): float(self.coalescer.calls),
         }
         for (method, route, status), n in self.requests.items():
-            out[f"http {method} {route} {status}"] = float(n)
+            out[("http", method, route, str(status))] = float(n)
         return out
 
-    async def counter_totals(self) -> dict[str, float]:
+    async def counter_totals(self) -> dict[tuple[str, ...], float]:
         """Every server process's counters summed (through the Controller), this one's fresh."""
         counters = self.counters()
-        totals: dict[str, float] = await call(
+        totals: dict[tuple[str, ...], float] = await call(
             self.controller.server_counters.remote(self.server_id, counters), 10
         )
         self.reported = counters
