@@ -7,6 +7,9 @@ Settings, and why:
 - ``cache_size`` bounded (32 MiB): the actor's memory must not grow with the backlog; the hot
   pages (the head of the pending index, the tail of the table) fit easily.
 - no ``mmap``: mapped pages would count in the actor's RSS and grow with the file.
+- no index of leased items: the store keeps its outstanding leases in memory and reads them
+  from the file only when it opens (a scan it makes then anyway); an index would cost a B-tree
+  insert and delete on every lease, extend and completion and serve no query.
 
 ``PRAGMA user_version`` records the schema version; :func:`connect` migrates older files.
 """
@@ -26,7 +29,7 @@ kept apart from ``PENDING`` so that leasing never scans past items that are back
 
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead", WAITING: "pending"}
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CACHE_KIB = 32 * 1024
 
 _SCHEMA = """
@@ -70,7 +73,6 @@ CREATE TABLE IF NOT EXISTS items(
     UNIQUE(job_id, item_id)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items(job_id, priority, id) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS items_leased ON items(deadline) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS items_dead ON items(job_id, id) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS items_waiting ON items(not_before) WHERE state = 4;
 CREATE INDEX IF NOT EXISTS items_waiting_job ON items(job_id, id) WHERE state = 4;
@@ -111,15 +113,18 @@ def connect(path: Path, wall_s: float) -> sqlite3.Connection:
 
 
 def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
-    """Version 1 kept backing-off items in ``PENDING`` with a future ``not_before``."""
+    """Version 1 kept backing-off items in ``PENDING`` with a future ``not_before``; versions 1
+    and 2 kept an index of leased items (``items_leased``)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version >= SCHEMA_VERSION:
         return
     with Transaction(db):
-        db.execute(
-            "UPDATE items SET state = ? WHERE state = ? AND not_before > ?",
-            (WAITING, PENDING, wall_s),
-        )
+        if version < 2:
+            db.execute(
+                "UPDATE items SET state = ? WHERE state = ? AND not_before > ?",
+                (WAITING, PENDING, wall_s),
+            )
+        db.execute("DROP INDEX IF EXISTS items_leased")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 

@@ -751,3 +751,22 @@ def test_a_first_version_database_is_migrated_on_open(
     assert [x.item_id for x in again.lease("w", 5)] == ["ready"]
     wall.t += 61
     assert [x.item_id for x in again.lease("w", 5)] == ["backing-off"]
+
+
+def test_a_second_version_database_loses_its_lease_index_and_keeps_its_leases(
+    store: QueueStore, tmp_path: Path, clock: Clock, wall: Clock
+) -> None:
+    store.enqueue("job", items("a", "b"))
+    [held] = store.lease("w", 1)
+    store.close()
+    old = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None)
+    old.execute("CREATE INDEX items_leased ON items(deadline) WHERE state = 1")
+    old.execute("PRAGMA user_version = 2")
+    old.close()
+    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    indexes = {r[0] for r in again._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "items_leased" not in indexes and "items_pending" in indexes
+    assert again._db.execute("PRAGMA user_version").fetchone() == (3,)
+    assert again.stats("job")["leased"] == 1
+    assert again.complete([held.token]) == []  # the lease outlived the reopening
+    assert [x.item_id for x in again.lease("w", 5)] == ["b"]
