@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,46 @@ def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
             )
         db.execute("DROP INDEX IF EXISTS items_leased")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+JSON_CHECK_CHUNK = 256  # payloads per statement of a JSON check
+
+
+def json_checker(db: sqlite3.Connection) -> Callable[[Sequence[str]], bool] | None:
+    """A check that every text of a list is strict JSON (RFC 8259), made by SQLite's
+    ``json_valid`` in C for a whole call at once; None when this SQLite's ``json_valid`` accepts
+    more than strict JSON (3.42 to 3.44 take JSON5 and have no strict mode), and the caller must
+    parse in Python instead. Never lenient where Python's parser is strict: a text it passes,
+    Python's ``json`` reads (the reverse is not true: Python also takes ``NaN``)."""
+    for flag in ("", ", 1"):
+        probe = ", ".join(f"json_valid('{text}'{flag})" for text in ("{a:1}", '{"a":NaN}', "{}"))
+        try:
+            if db.execute(f"SELECT {probe}").fetchone() == (0, 0, 1):
+                break
+        except sqlite3.Error:  # no two-argument json_valid before 3.45
+            pass
+    else:
+        return None
+    statements: dict[int, str] = {}
+
+    def all_json(texts: Sequence[str]) -> bool:
+        for start in range(0, len(texts), JSON_CHECK_CHUNK):
+            chunk = texts[start : start + JSON_CHECK_CHUNK]
+            if len(chunk) not in statements:
+                statements[len(chunk)] = (
+                    "SELECT count(*) FROM (VALUES "
+                    + ", ".join(["(?)"] * len(chunk))
+                    + f") WHERE NOT json_valid(column1{flag})"
+                )
+            try:
+                (bad,) = db.execute(statements[len(chunk)], chunk).fetchone()
+            except (sqlite3.Error, UnicodeEncodeError):
+                return False
+            if bad:
+                return False
+        return True
+
+    return all_json
 
 
 class Transaction:

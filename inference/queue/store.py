@@ -47,6 +47,7 @@ from inference.queue.db import (
     WAITING,
     Transaction,
     connect,
+    json_checker,
 )
 from inference.queue.fairness import fair_shares, fit_token_budget
 from inference.queue.mirror import BACKLOG, CAUSES, Held, Job, Lease, Mirror, Move
@@ -119,6 +120,7 @@ class QueueStore:
         self._wall = wall
         self._rng = rng or random.Random()
         self._db = connect(self.path, wall())
+        self._all_json = json_checker(self._db)
         self._m = Mirror()
         self._rr: Counter[int] = Counter()  # round-robin cursor per priority
         # Lower bounds of the earliest lease deadline and retry time: a sweep runs only when a
@@ -260,7 +262,7 @@ class QueueStore:
         job = self._m.job(job_id)
         if job.state == "cancelled":
             raise QueueError(f"job {job_id!r} is cancelled; it takes no more items")
-        fresh, duplicates = admit(items, max_item_bytes)
+        fresh, duplicates = admit(items, max_item_bytes, self._all_json)
         if not fresh:
             return EnqueueResult(accepted=0, duplicates=duplicates)
         now = self._wall()

@@ -15,6 +15,7 @@ import pytest
 import ray.cloudpickle
 
 from inference.errors import QueueError, StorageError
+from inference.queue.db import JSON_CHECK_CHUNK, json_checker
 from inference.queue.fairness import fair_shares, fit_token_budget
 from inference.queue.records import LeasedItem, Packed, Refusal
 from inference.queue.store import JobSpec, NewItem, QueueStore
@@ -612,6 +613,41 @@ def test_more_bad_items_are_refused_with_the_reason(
     with pytest.raises(QueueError, match=reason):
         store.enqueue("job", [NewItem("ok", "{}"), bad])
     assert store.stats("job")["total"] == 0
+
+
+@pytest.mark.parametrize("bad", ['{"a": 1,}', '{"a": "x', "{'a': 1}", '{"a": 1}{}', "{a: 1}"])
+def test_a_bad_payload_deep_in_a_large_call_refuses_the_call(store: QueueStore, bad: str) -> None:
+    """The JSON of a whole call is checked at once, in chunks: the bad one may be in any."""
+    batch = [NewItem(f"i{n}", f'{{"n": {n}}}') for n in range(700)]
+    batch[600] = NewItem("i600", bad)
+    with pytest.raises(QueueError, match=r"items\[600\] \('i600'\): payload is not a JSON object"):
+        store.enqueue("job", batch)
+    assert store.stats("job")["total"] == 0
+    batch[600] = NewItem("i600", '{"n": 600}')
+    assert store.enqueue("job", batch).accepted == 700
+
+
+def test_json_that_python_reads_but_is_not_strict_json_is_still_accepted(
+    store: QueueStore,
+) -> None:
+    """SQLite's check is stricter than Python's reader (NaN, odd whitespace); an item it does
+    not pass is judged by Python, as before, so what the workers can read is accepted."""
+    batch = [NewItem("nan", '{"x": NaN}'), NewItem("tab", '{"x": 1}\x0b'), NewItem("ok", "{}")]
+    assert store.enqueue("job", batch).accepted == 3
+
+
+def test_the_sqlite_json_check_is_strict_and_checks_every_chunk() -> None:
+    db = sqlite3.connect(":memory:")
+    all_json = json_checker(db)
+    if all_json is None:  # a SQLite whose json_valid takes JSON5 and has no strict mode
+        pytest.skip(f"SQLite {sqlite3.sqlite_version} has no strict json_valid")
+    good = [f'{{"n": {n}}}' for n in range(JSON_CHECK_CHUNK * 2 + 3)]
+    assert all_json(good) and all_json([]) and all_json(["{}"])
+    for bad in ("{a: 1}", '{"x": NaN}', "{", "{} {}", '{"x": "\ud800\x00"}', "\ud800"):
+        for at in (0, JSON_CHECK_CHUNK, len(good) - 1):
+            texts = list(good)
+            texts[at] = bad
+            assert not all_json(texts), (bad, at)
 
 
 def test_a_refusal_names_every_bad_item_and_where_it_is(store: QueueStore) -> None:
