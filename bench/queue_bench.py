@@ -3,7 +3,8 @@
 Measures, and prints as one JSON line at the end (progress goes to stderr):
 
 - ``enqueue_items_per_s``: enqueue alone, while the backlog grows to the large size;
-- ``cycle_items_per_s``: enqueue + lease + complete of the same items, on an empty queue;
+- ``cycle_items_per_s``: enqueue + lease + complete of the same items, on an empty queue, by
+  two producers and two consumers (``cycle_items_per_s_1x1``: by one of each);
 - ``lease_complete_items_per_s_10k`` / ``_1m``: lease + complete with 10,000 and with 1,000,000
   items pending (the backlog is refilled between rounds, outside the timed calls);
 - ``lease_ratio_1m_vs_10k``: the 10k rate over the 1m rate (how much slower at 1m);
@@ -14,9 +15,11 @@ Measures, and prints as one JSON line at the end (progress goes to stderr):
 
 Targets on a 2-core machine: cycle >= 20,000 items/s, ratio <= 1.5, rss <= 300 MB.
 
-In the cycle a producer and a consumer run side by side (two threads, each waiting for its own
-calls), as they would in a deployment; the backlog fill keeps up to 4 enqueue calls in flight;
-lease + complete make one call at a time. Every result is checked.
+In the cycle producers and consumers run side by side (threads, each waiting for its own calls),
+as they would in a deployment, where many workers lease and more than one service enqueues: with
+one of each, the actor sits idle while each reply travels back and the next call comes; with
+two of each it always has a call to run. The backlog fill keeps up to 4 enqueue calls in flight;
+the backlog rounds make one lease + complete at a time. Every result is checked.
 
     .venv/bin/python bench/queue_bench.py                      # full run, a few minutes
     .venv/bin/python bench/queue_bench.py --items 20000 --large-backlog 100000   # smoke
@@ -62,6 +65,8 @@ def main() -> None:
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=200_000, help="items through the cycle")
+    parser.add_argument("--producers", type=int, default=2, help="enqueuing threads in the cycle")
+    parser.add_argument("--consumers", type=int, default=2, help="leasing threads in the cycle")
     parser.add_argument("--small-backlog", type=int, default=10_000)
     parser.add_argument("--large-backlog", type=int, default=1_000_000)
     parser.add_argument(
@@ -78,9 +83,12 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
 
     ray.get(queue.create_job.remote(JobSpec("cycle")))
     actor_cpu_s, driver_cpu_s = _cpu_s(pid), time.process_time()
-    cycle = _cycle(queue, items, "cycle", args.items)
+    cycle = _cycle(queue, items, "cycle", args.items, args.producers, args.consumers)
     actor_cpu_s, driver_cpu_s = _cpu_s(pid) - actor_cpu_s, time.process_time() - driver_cpu_s
-    _say(f"cycle: {cycle:,.0f} items/s")
+    _say(f"cycle, {args.producers} producers + {args.consumers} consumers: {cycle:,.0f} items/s")
+    ray.get(queue.create_job.remote(JobSpec("cycle-1x1")))
+    cycle_1x1 = _cycle(queue, items, "cycle-1x1", args.items // 2, 1, 1)
+    _say(f"cycle, 1 producer + 1 consumer: {cycle_1x1:,.0f} items/s")
 
     ray.get(queue.create_job.remote(JobSpec("backlog")))
     _fill(queue, items, "backlog", args.small_backlog)
@@ -97,6 +105,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
     result = {
         "enqueue_items_per_s": round(enqueue),
         "cycle_items_per_s": round(cycle),
+        "cycle_items_per_s_1x1": round(cycle_1x1),
         "lease_complete_items_per_s_10k": round(small),
         "lease_complete_items_per_s_1m": round(large),
         "lease_ratio_1m_vs_10k": round(small / large, 3),
@@ -108,6 +117,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
         "pending_at_rss": pending,
         "batch": BATCH,
         "cycle_items": args.items,
+        "cycle_threads": {"producers": args.producers, "consumers": args.consumers},
         "backlogs": [args.small_backlog, args.large_backlog],
         "measure_items": args.measure_items,
         "db_mb": round(db_path.stat().st_size / 2**20, 1),
@@ -148,42 +158,66 @@ class _Items:
         return Packed(NewItem(f"doc-{i}", self.PAYLOAD % i, 80) for i in range(first, first + n))
 
 
-def _cycle(queue: Any, items: _Items, job_id: str, n_items: int) -> float:
-    """A producer thread enqueues batches while a consumer thread leases and completes them,
-    each waiting for its own calls; items/s through all three calls. The consumer leases once
-    per batch the producer has enqueued (a real worker backs off on an empty queue; polling it
-    here would measure the polling)."""
+def _cycle(
+    queue: Any, items: _Items, job_id: str, n_items: int, producers: int, consumers: int
+) -> float:
+    """Producer threads enqueue batches while consumer threads lease and complete them, each
+    thread waiting for its own calls; items/s through all three calls. A consumer leases once
+    per batch a producer has enqueued, so every lease finds a full batch (a real worker backs
+    off on an empty queue; polling it here would measure the polling)."""
     n_batches = n_items // BATCH
     enqueued = threading.Semaphore(0)
+    lock = threading.Lock()
+    left = [n_batches]  # lease rounds not yet claimed by a consumer
+    done = [0]
     errors: list[BaseException] = []
 
-    def produce() -> None:
+    def produce(n: int) -> None:
         try:
-            for _ in range(n_batches):
-                result = ray.get(queue.enqueue.remote(job_id, items.batch()))
+            for _ in range(n):
+                with lock:
+                    batch = items.batch()
+                result = ray.get(queue.enqueue.remote(job_id, batch))
                 if result.accepted != BATCH:
                     raise RuntimeError(f"enqueue accepted {result.accepted} of {BATCH}")
                 enqueued.release()
         except BaseException as exc:
             errors.append(exc)
-            enqueued.release()
+            enqueued.release(n_batches)  # no consumer waits for batches that will not come
 
+    def consume() -> None:
+        try:
+            while True:
+                with lock:
+                    if not left[0]:
+                        return
+                    left[0] -= 1
+                enqueued.acquire()
+                if errors:
+                    return
+                leased = ray.get(queue.lease.remote("bench", BATCH, None, 60.0))
+                refused = ray.get(queue.complete.remote(Packed(x.token for x in leased)))
+                if len(leased) != BATCH or refused:
+                    raise RuntimeError(f"leased {len(leased)} of {BATCH}, refused {len(refused)}")
+                with lock:
+                    done[0] += len(leased)
+        except BaseException as exc:
+            errors.append(exc)
+
+    shares = [n_batches // producers + (i < n_batches % producers) for i in range(producers)]
+    threads = [threading.Thread(target=produce, args=(n,), daemon=True) for n in shares]
+    threads += [threading.Thread(target=consume, daemon=True) for _ in range(consumers)]
     started = time.perf_counter()
-    producer = threading.Thread(target=produce, daemon=True)
-    producer.start()
-    done = 0
-    for _ in range(n_batches):
-        enqueued.acquire()
-        if errors:
-            raise errors[0]
-        leased = ray.get(queue.lease.remote("bench", BATCH, None, 60.0))
-        refused = ray.get(queue.complete.remote(Packed(x.token for x in leased)))
-        if len(leased) != BATCH or refused:
-            raise RuntimeError(f"leased {len(leased)} of {BATCH}, refused {len(refused)}")
-        done += len(leased)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - started
-    producer.join()
-    return done / elapsed
+    if errors:
+        raise errors[0]
+    if done[0] != n_batches * BATCH:
+        raise RuntimeError(f"completed {done[0]} of {n_batches * BATCH}")
+    return done[0] / elapsed
 
 
 def _fill(queue: Any, items: _Items, job_id: str, n_items: int) -> float:

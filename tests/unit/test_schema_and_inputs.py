@@ -1,12 +1,13 @@
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from inference.config import InputConfig
 from inference.errors import PermanentError
 from inference.inputs import InputProblem, InputRecord, read_input
-from inference.schema import decode_payload, parse_request
+from inference.schema import decode_payload, encode_payload, parse_request
 
 
 def _line(custom_id: str = "a", **body: object) -> str:
@@ -104,3 +105,20 @@ def test_plain_csv_rows_become_requests(tmp_path: Path) -> None:
     request = decode_payload(first.payload)
     assert request.messages[0]["content"] == "Say: hello there"
     assert request.max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16},
+        {"b": [1, 2.5, 1e16, -0.0, True, None, {"z": 1, "a": {}}], "a": 'é☃\u2028\x00"\\'},
+        {"n": 10**30, "x": float("nan"), "y": float("-inf"), "": []},
+    ],
+)
+def test_a_payload_is_the_canonical_json_text_of_its_request(body: dict[str, Any]) -> None:
+    """Payload equality decides duplicates against items already stored: the text must stay
+    exactly json.dumps' canonical form, whatever encoder makes it."""
+    payload = encode_payload("/v1/chat/completions", body)
+    expected = {"url": "/v1/chat/completions", "body": body}
+    assert payload == json.dumps(expected, sort_keys=True, separators=(",", ":"))
+    assert payload == encode_payload("/v1/chat/completions", dict(reversed(body.items())))
