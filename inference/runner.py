@@ -21,6 +21,7 @@ from inference.inputs import InputProblem, InputRecord, read_input
 from inference.pool import WorkerPool
 from inference.progress import Progress, Tracker
 from inference.queue.actor import get_or_create_queue
+from inference.queue.records import Packed
 from inference.queue.store import JobSpec, NewItem
 from inference.shards import JobOutput, errors_table, resolve_fs
 
@@ -76,13 +77,14 @@ def validate_input(path: Path, config: Config) -> tuple[int, list[InputProblem]]
 
 
 def _chunks(records: Iterator[InputRecord | InputProblem]) -> Iterator[list[NewItem]]:
-    chunk: list[NewItem] = []
+    """The good records as items, in :class:`Packed` chunks (one blob each to the queue)."""
+    chunk: list[NewItem] = Packed()
     for record in records:
         if isinstance(record, InputRecord):
             chunk.append(NewItem(record.item_id, record.payload, record.tokens))
             if len(chunk) >= ENQUEUE_CHUNK:
                 yield chunk
-                chunk = []
+                chunk = Packed()
     if chunk:
         yield chunk
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.config import ApiConfig
-from inference.queue import NewItem
+from inference.queue import NewItem, Packed
 from inference.schema import CUSTOM_ID
 
 from .items import ItemRejected, check_item
@@ -139,8 +139,8 @@ def check_batch_file(path: Path, endpoint: str, api: ApiConfig) -> BatchCheck:
 def batch_items(
     path: Path, endpoint: str, api: ApiConfig, chunk: int = 1000
 ) -> Iterator[list[NewItem]]:
-    """The items of a checked file, in chunks for ``WorkQueue.enqueue``."""
-    items: list[NewItem] = []
+    """The items of a checked file, in :class:`Packed` chunks for ``WorkQueue.enqueue``."""
+    items: list[NewItem] = Packed()
     for number, raw in _lines(path):
         checked = _item(number, raw, endpoint, api)
         if isinstance(checked, ItemRejected):  # the file changed after its check: refuse loudly
@@ -148,6 +148,6 @@ def batch_items(
         items.append(checked[0])
         if len(items) >= chunk:
             yield items
-            items = []
+            items = Packed()
     if items:
         yield items
