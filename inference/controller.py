@@ -45,6 +45,7 @@ from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
 from inference.export import error_jsonl, output_jsonl
 from inference.fleet import Fleet, job_deadlines
+from inference.heap import freeze_startup_heap
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker
 from inference.queue.actor import NAMESPACE, get_queue, head_node_id
@@ -147,6 +148,7 @@ class Controller:
         self._stop = threading.Event()
         self._server_counters: dict[str, dict[tuple[str, ...], float]] = {}
         self._release_lost_workers()
+        freeze_startup_heap()
         self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
         self._thread.start()
         logger.info("Controller ready state=%s jobs=%d", self.state_dir, len(self._jobs))

@@ -33,6 +33,7 @@ from inference.config import Config
 from inference.engines import Prepared, make_engine
 from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
 from inference.faults import fault
+from inference.heap import freeze_startup_heap
 from inference.packing import run_packed
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
@@ -95,6 +96,7 @@ class InferenceWorker:
         }
         self._fatal: str | None = None
         self.node = socket.gethostname()
+        freeze_startup_heap()  # the engine and its model live as long as the worker
         logger.info("worker ready worker=%s pool=%s pid=%d", worker_id, pool, os.getpid())
 
     # ------------------------------------------------------------------ control

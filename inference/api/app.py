@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import __version__
 from inference.config import Config
+from inference.heap import freeze_startup_heap
 
 from . import dashboard, files, native, openai_batches, ops
 from .coalesce import Coalescer
@@ -39,6 +40,7 @@ def create_app(config: Config, queue: Any, controller: Any) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         reporter = asyncio.get_running_loop().create_task(state.report_counters())
+        freeze_startup_heap()
         try:
             yield
         finally:

@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from inference.errors import OutputError, QueueError, StorageError
 from inference.faults import fault
+from inference.heap import freeze_startup_heap
 from inference.queue.store import (
     EnqueueResult,
     JobSpec,
@@ -73,6 +74,7 @@ class WorkQueue:
         self._max_item_bytes = max_item_bytes
         self._outputs: dict[str, JobOutput] = {}
         self._recover()
+        freeze_startup_heap()
 
     # --------------------------------------------------------------- recovery
     def _recover(self) -> None:
