@@ -10,7 +10,8 @@ Measures, and prints as one JSON line at the end (progress goes to stderr):
 - where the time goes, measured in this process on the same items: ``validate_us_per_item``
   (the strict request model plus the project's parser, what the server does per item) and
   ``store_items_per_s`` (``QueueStore.enqueue`` of 100-item calls on a fresh database, no Ray,
-  no HTTP: the ceiling the queue itself sets).
+  no HTTP: the ceiling the queue itself sets);
+- ``host_loop_us``: the host's Python speed at the start and at the end (see ``hostspeed.py``).
 
 The bench job's items are not leasable (``schedule.not_before`` far ahead), so no worker starts
 and the figures are the API's and the queue's alone. Targets on a 2-core machine:
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from hostspeed import python_loop_us
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE = str(Path(sys.executable).with_name("inference"))
@@ -353,6 +355,7 @@ def main() -> None:
     parser.add_argument("--single-requests", type=int, default=2000)
     args = parser.parse_args()
 
+    host_before = python_loop_us()
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
     proc, ray_tmp = start_server(workdir, free_port(), args.workers)
     url = f"http://127.0.0.1:{proc.args[-1]}"
@@ -397,6 +400,7 @@ def main() -> None:
             "clients": args.clients,
             "cpus": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0],
+            "host_loop_us": [host_before, python_loop_us()],
         }
     )
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))

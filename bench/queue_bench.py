@@ -11,7 +11,8 @@ Measures, and prints as one JSON line at the end (progress goes to stderr):
 - ``rss_mb_1m``: the queue actor's peak RSS (``VmHWM``) once 1,000,000 items are pending;
 - ``cycle_cpu_us_per_item``: CPU time (user + system) the queue actor and this process spent
   per item during the cycle: the actor's share is the ceiling of its throughput, whatever else
-  runs on the machine.
+  runs on the machine;
+- ``host_loop_us``: the host's Python speed at the start and at the end (see ``hostspeed.py``).
 
 Targets on a 2-core machine: cycle >= 20,000 items/s, ratio <= 1.5, rss <= 300 MB.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from hostspeed import python_loop_us
 
 from inference.queue.actor import get_or_create_queue
 from inference.queue.records import JobSpec, NewItem, Packed
@@ -79,6 +81,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
     queue = get_or_create_queue(db_path)
     pid = ray.get(queue.pid.remote())
     load_before = os.getloadavg()
+    host_before = python_loop_us()
     items = _Items()
 
     ray.get(queue.create_job.remote(JobSpec("cycle")))
@@ -124,6 +127,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "host_loop_us": [host_before, python_loop_us()],
         "sqlite": sqlite3.sqlite_version,
         "ray": ray.__version__,
     }
