@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -184,7 +185,7 @@ def parse_request(url: Any, body: Any) -> Request:
     )
 
 
-def _canonical_encoder() -> Any:
+def _canonical_encoder() -> Callable[[dict[str, Any]], str]:
     """``json.dumps(value, sort_keys=True, separators=(",", ":"))`` as one C call: the json
     module's own C encoder, made once, without the per-call set-up of ``JSONEncoder.encode``
     and without its circular-reference bookkeeping (a payload comes from parsed JSON, which

@@ -137,12 +137,14 @@ class QueueStore:
 
     def rearm_leases(self, default_lease_s: float = 60.0) -> int:
         """After a restart the old monotonic deadlines mean nothing: give every outstanding lease
-        a full lease period from now. Leases that were out at the crash then expire normally."""
+        a full lease period from now. Leases that were out at the crash then expire normally.
+        The leased items are the ones the mirror loaded, so no scan of the table finds them."""
         now = self._clock()
         with self._tx():
             cur = self._db.execute(
-                "UPDATE items SET deadline = ? + COALESCE(lease_s, ?) WHERE state = 1",
-                (now, default_lease_s),
+                "UPDATE items SET deadline = ? + COALESCE(lease_s, ?)"
+                f" WHERE id IN {_IDS} AND state = 1",
+                (now, default_lease_s, json.dumps(list(self._m.leases))),
             )
         for lease in self._m.leases.values():
             lease.deadline = now + (default_lease_s if lease.lease_s is None else lease.lease_s)
