@@ -4,7 +4,8 @@ Measures, and prints as one JSON line at the end (progress goes to stderr):
 
 - ``enqueue_items_per_s``: enqueue alone, while the backlog grows to the large size;
 - ``cycle_items_per_s``: enqueue + lease + complete of the same items, on an empty queue, by
-  two producers and two consumers (``cycle_items_per_s_1x1``: by one of each);
+  two producers and two consumers: the median of ``--rounds`` rounds (each round's figure is in
+  ``cycle_rounds_items_per_s``; ``cycle_items_per_s_1x1``: one round by one of each);
 - ``lease_complete_items_per_s_10k`` / ``_1m``: lease + complete with 10,000 and with 1,000,000
   items pending (the backlog is refilled between rounds, outside the timed calls);
 - ``lease_ratio_1m_vs_10k``: the 10k rate over the 1m rate (how much slower at 1m);
@@ -12,7 +13,9 @@ Measures, and prints as one JSON line at the end (progress goes to stderr):
 - ``cycle_cpu_us_per_item``: CPU time (user + system) the queue actor and this process spent
   per item during the cycle: the actor's share is the ceiling of its throughput, whatever else
   runs on the machine;
-- ``host_loop_us``: the host's Python speed at the start and at the end (see ``hostspeed.py``).
+- ``host_loop_us``: the host's Python speed at the start, after the cycles, after the 10k round
+  and at the end (see ``hostspeed.py``): the 10k and 1m rates are timed minutes apart, and a
+  ratio taken while the host changed speed says little about the queue.
 
 Targets on a 2-core machine: cycle >= 20,000 items/s, ratio <= 1.5, rss <= 300 MB.
 
@@ -33,6 +36,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -66,7 +70,10 @@ def main() -> None:
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--items", type=int, default=200_000, help="items through the cycle")
+    parser.add_argument("--items", type=int, default=200_000, help="items through the cycles")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="cycle rounds (the items split between them)"
+    )
     parser.add_argument("--producers", type=int, default=2, help="enqueuing threads in the cycle")
     parser.add_argument("--consumers", type=int, default=2, help="leasing threads in the cycle")
     parser.add_argument("--small-backlog", type=int, default=10_000)
@@ -85,18 +92,24 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
     items = _Items()
 
     ray.get(queue.create_job.remote(JobSpec("cycle")))
+    per_round = args.items // args.rounds
     actor_cpu_s, driver_cpu_s = _cpu_s(pid), time.process_time()
-    cycle = _cycle(queue, items, "cycle", args.items, args.producers, args.consumers)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(_cycle(queue, items, "cycle", per_round, args.producers, args.consumers))
+        _say(f"cycle, {args.producers} producers + {args.consumers} consumers: {rounds[-1]:,.0f}")
     actor_cpu_s, driver_cpu_s = _cpu_s(pid) - actor_cpu_s, time.process_time() - driver_cpu_s
-    _say(f"cycle, {args.producers} producers + {args.consumers} consumers: {cycle:,.0f} items/s")
+    cycled = args.rounds * (per_round // BATCH) * BATCH
     ray.get(queue.create_job.remote(JobSpec("cycle-1x1")))
-    cycle_1x1 = _cycle(queue, items, "cycle-1x1", args.items // 2, 1, 1)
+    cycle_1x1 = _cycle(queue, items, "cycle-1x1", per_round, 1, 1)
     _say(f"cycle, 1 producer + 1 consumer: {cycle_1x1:,.0f} items/s")
+    host_after_cycles = python_loop_us()
 
     ray.get(queue.create_job.remote(JobSpec("backlog")))
     _fill(queue, items, "backlog", args.small_backlog)
     small = _lease_complete(queue, items, "backlog", args.measure_items)
     _say(f"lease+complete at {args.small_backlog:,} pending: {small:,.0f} items/s")
+    host_after_small = python_loop_us()
 
     enqueue = _fill(queue, items, "backlog", args.large_backlog - args.small_backlog)
     _say(f"enqueue: {enqueue:,.0f} items/s")
@@ -107,19 +120,20 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
 
     result = {
         "enqueue_items_per_s": round(enqueue),
-        "cycle_items_per_s": round(cycle),
+        "cycle_items_per_s": round(statistics.median(rounds)),
+        "cycle_rounds_items_per_s": [round(r) for r in rounds],
         "cycle_items_per_s_1x1": round(cycle_1x1),
         "lease_complete_items_per_s_10k": round(small),
         "lease_complete_items_per_s_1m": round(large),
         "lease_ratio_1m_vs_10k": round(small / large, 3),
         "rss_mb_1m": round(rss_mb, 1),
         "cycle_cpu_us_per_item": {
-            "queue_actor": round(actor_cpu_s / args.items * 1e6, 1),
-            "bench_driver": round(driver_cpu_s / args.items * 1e6, 1),
+            "queue_actor": round(actor_cpu_s / cycled * 1e6, 1),
+            "bench_driver": round(driver_cpu_s / cycled * 1e6, 1),
         },
         "pending_at_rss": pending,
         "batch": BATCH,
-        "cycle_items": args.items,
+        "cycle_items": cycled,
         "cycle_threads": {"producers": args.producers, "consumers": args.consumers},
         "backlogs": [args.small_backlog, args.large_backlog],
         "measure_items": args.measure_items,
@@ -127,7 +141,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "host_loop_us": [host_before, python_loop_us()],
+        "host_loop_us": [host_before, host_after_cycles, host_after_small, python_loop_us()],
         "sqlite": sqlite3.sqlite_version,
         "ray": ray.__version__,
     }
