@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check inference tests bench models examples
 	$(BIN)/ruff format --check inference tests bench models examples
 	$(BIN)/mypy inference
+	$(BIN)/mypy bench
 
 test: lint
 	$(BIN)/python -m pytest -q -ra tests

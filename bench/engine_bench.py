@@ -90,7 +90,7 @@ def _raw_worker(path: str, index: int, workers: int, out: mp.Queue, engine_confi
     while pending:
         batch, pending = take_batch(pending, policy.max_batch_size, policy.max_batch_tokens)
         for result in engine.run(batch):
-            tokens += result.prompt_tokens + result.completion_tokens  # type: ignore[union-attr]
+            tokens += result.prompt_tokens + result.completion_tokens
         refill = requests[next_index : next_index + len(batch)]
         next_index += len(refill)
         pending += [engine.prepare(r) for r in refill]
@@ -124,7 +124,7 @@ def measure_one_at_a_time(path: Path, sample: int, workers: int) -> dict:
     tokens = 0
     for request in chosen:
         [result] = engine.run([engine.prepare(request)])
-        tokens += result.prompt_tokens + result.completion_tokens  # type: ignore[union-attr]
+        tokens += result.prompt_tokens + result.completion_tokens
     wall = time.perf_counter() - start
     return {
         "items_per_s": workers * len(chosen) / wall,

@@ -361,8 +361,9 @@ def main() -> None:
 
     host_before = python_loop_us()
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-"))
-    proc, ray_tmp = start_server(workdir, free_port(), args.workers)
-    url = f"http://127.0.0.1:{proc.args[-1]}"
+    port = free_port()
+    proc, ray_tmp = start_server(workdir, port, args.workers)
+    url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {}
     try:
         reply = httpx.post(

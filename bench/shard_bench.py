@@ -38,8 +38,8 @@ def main() -> None:
     job = "shard-bench"
     spec = JobSpec(job, settings={"output_path": str(folder / "out"), "output_format": args.format})
     ray.get(queue.create_job.remote(spec))
-    for start in range(0, args.rows, 5000):
-        chunk = [NewItem(f"r{i}", "{}") for i in range(start, min(start + 5000, args.rows))]
+    for first in range(0, args.rows, 5000):
+        chunk = [NewItem(f"r{i}", "{}") for i in range(first, min(first + 5000, args.rows))]
         ray.get(queue.enqueue.remote(job, chunk))
     output = JobOutput(str(folder / "out"), job, args.format)
     rng = random.Random(0)
