@@ -2,9 +2,9 @@
 
 The development machine is a VM whose speed varies with its neighbours: the same benchmark run
 minutes apart has given results up to twice as far apart, CPU time per item included. A
-benchmark records this figure when it starts and when it ends, so a reader can tell a slow
-result from a slow host: ``sum(range(1000))`` in microseconds, the median of a few timings
-(about 14 on the development machine at full speed).
+benchmark records this figure when it starts, between its phases and when it ends, so a reader
+can tell a slow result from a slow host: ``sum(range(1000))`` in microseconds, the median of a
+few timings (about 14 on the development machine at full speed, 28 at half).
 """
 
 from __future__ import annotations
