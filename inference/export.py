@@ -43,7 +43,9 @@ def _timestamp(value: Any) -> int:
 
 def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
     """The OpenAI response body of one result row: a chat.completion, a text_completion or an
-    embedding list. Without ``endpoint`` the row decides (an embedding, else chat)."""
+    embedding list. Without ``endpoint`` the row decides (an embedding, else chat). A row with
+    ``choices`` (``n > 1`` or logprobs asked for) gives all of them, with their logprobs; a row
+    without gives one choice, from ``output_text``."""
     if endpoint is None:
         endpoint = "/v1/embeddings" if row.get("embedding") is not None else "/v1/chat/completions"
     prompt = int(row.get("prompt_tokens") or 0)
@@ -63,15 +65,13 @@ def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    finish = row.get("finish_reason") or "stop"
-    text = row.get("output_text") or ""
     if endpoint == "/v1/completions":
         return {
             "id": _hash_id("cmpl-", *key),
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [_completion_choice(c) for c in _choices(row)],
             "usage": usage,
         }
     return {
@@ -79,15 +79,74 @@ def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
+        "choices": [_chat_choice(c) for c in _choices(row)],
+        "usage": usage,
+    }
+
+
+def _choices(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row's choices (``index``, ``text``, ``finish_reason``, ``logprobs`` as the parsed
+    chat content list or None); a row without the ``choices`` column holds choice 0 only."""
+    stored = row.get("choices")
+    if not stored:
+        return [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "text": row.get("output_text") or "",
+                "finish_reason": row.get("finish_reason") or "stop",
                 "logprobs": None,
-                "finish_reason": finish,
             }
+        ]
+    return [
+        {
+            "index": int(c.get("index") or 0),
+            "text": c.get("text") or "",
+            "finish_reason": c.get("finish_reason") or "stop",
+            "logprobs": None if c.get("logprobs") is None else json.loads(c["logprobs"]),
+        }
+        for c in stored
+    ]
+
+
+def _chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    content = choice["logprobs"]
+    return {
+        "index": choice["index"],
+        "message": {"role": "assistant", "content": choice["text"], "refusal": None},
+        "logprobs": None if content is None else {"content": content, "refusal": None},
+        "finish_reason": choice["finish_reason"],
+    }
+
+
+def _completion_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": choice["index"],
+        "text": choice["text"],
+        "logprobs": None if choice["logprobs"] is None else _legacy_logprobs(choice["logprobs"]),
+        "finish_reason": choice["finish_reason"],
+    }
+
+
+def _legacy_logprobs(content: list[dict[str, Any]]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object of a chat ``logprobs.content`` list:
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (one ``{token: logprob}`` per position)
+    and ``text_offset`` (where each token starts in the completion text)."""
+    tokens = [str(entry.get("token", "")) for entry in content]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry.get("logprob") for entry in content],
+        "top_logprobs": [
+            {
+                str(top.get("token", "")): top.get("logprob")
+                for top in entry.get("top_logprobs") or []
+            }
+            for entry in content
         ],
-        "usage": usage,
+        "text_offset": offsets,
     }
 
 

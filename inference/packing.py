@@ -67,8 +67,19 @@ def unpack_answer(text: str, n: int) -> list[str] | None:
 
 def _packable(item: Prepared) -> bool:
     r = item.request
-    # Only single-question items: a conversation's earlier turns would be lost in a pack.
-    return r.task == "chat" and r.n == 1 and not r.stop and len(r.messages) == 1
+    # Only single-question items: a conversation's earlier turns would be lost in a pack. And
+    # only plain sampling: a pack's logprobs, response format or penalties would not be the
+    # item's own.
+    return (
+        r.task == "chat"
+        and r.n == 1
+        and not r.stop
+        and len(r.messages) == 1
+        and not r.logprobs
+        and r.response_format is None
+        and r.presence_penalty == 0.0
+        and r.frequency_penalty == 0.0
+    )
 
 
 def run_packed(

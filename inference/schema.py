@@ -7,7 +7,9 @@ so an item is judged the same way wherever it enters.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +28,10 @@ URL_TASKS: dict[str, Task] = {
     "/v1/embeddings": "embedding",
 }
 # Body fields an engine here cannot honour; a request that sets them is refused, never ignored.
-_UNSUPPORTED = (
-    "tools",
-    "functions",
-    "tool_choice",
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "response_format",
-    "stream",
-)
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "stream")
 _MAX_TOKENS_DEFAULT = 256
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's json_schema.name, fullmatch
+_LOGPROB_FLOOR = -9999.0  # what OpenAI (and vLLM's server) report for a -inf logprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +48,13 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False  # token logprobs wanted (completions' legacy ``logprobs: N`` too)
+    top_logprobs: int = 0  # alternatives per token (completions' legacy N)
+    # None, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}; checked
+    # here, compiled by the engine.
+    response_format: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +133,103 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _logprobs(body: dict[str, Any], task: Task) -> tuple[bool, int]:
+    """(logprobs, top_logprobs). Chat: ``logprobs`` a boolean, ``top_logprobs`` 0..20 with it.
+    Completions: the legacy ``logprobs`` integer 0..5, the number of alternatives."""
+    raw = body.get("logprobs")
+    if task == "completion":
+        if body.get("top_logprobs") is not None:
+            raise PermanentError(
+                "body.top_logprobs is a chat parameter; /v1/completions takes body.logprobs "
+                "(an integer 0..5)",
+                code="unsupported",
+            )
+        if raw is None or raw is False:
+            return False, 0
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 5:
+            raise _invalid("body.logprobs must be an integer between 0 and 5")
+        return True, raw
+    if raw is not None and not isinstance(raw, bool):
+        raise _invalid("body.logprobs must be a boolean")
+    top = _integer(body, "top_logprobs", None, 0, 20)
+    if top is not None and not raw:
+        raise _invalid("body.top_logprobs requires body.logprobs: true")
+    return bool(raw), top or 0
+
+
+def _response_format(body: dict[str, Any], task: Task) -> dict[str, Any] | None:
+    """The response format, normalised: None for plain text, else a json_object or a
+    json_schema format whose schema is checked (not compiled: that is the engine's job)."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if task != "chat":
+        raise PermanentError(
+            "body.response_format is supported for chat requests only", code="unsupported"
+        )
+    where = "body.response_format"
+    if not isinstance(value, dict):
+        raise _invalid(f"{where} must be an object")
+    kind = value.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _invalid(f"{where}.type must be text, json_object or json_schema, got {kind!r:.40}")
+    _known_keys(value, where, {"type", "json_schema"} if kind == "json_schema" else {"type"})
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = value.get("json_schema")
+    where += ".json_schema"
+    if not isinstance(spec, dict):
+        raise _invalid(f"{where} must be an object")
+    _known_keys(spec, where, {"name", "description", "schema", "strict"})
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise _invalid(f"{where}.name must be 1 to 64 letters, digits, underscores or dashes")
+    out: dict[str, Any] = {"name": name}
+    for key, kinds, noun in (("description", str, "a string"), ("strict", bool, "a boolean")):
+        if spec.get(key) is not None:
+            if not isinstance(spec[key], kinds):
+                raise _invalid(f"{where}.{key} must be {noun}")
+            out[key] = spec[key]
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise _invalid(f"{where}.schema must be an object")
+    try:
+        problem = _json_schema_problem(_CANONICAL(schema))
+    except RecursionError:
+        problem = "it is nested too deeply"
+    if problem is not None:
+        raise _invalid(f"{where}.schema is not a valid JSON Schema: {problem}")
+    out["schema"] = schema
+    return {"type": "json_schema", "json_schema": out}
+
+
+def _known_keys(value: dict[str, Any], where: str, known: set[str]) -> None:
+    unknown = sorted(set(value) - known, key=str)
+    if unknown:
+        raise _invalid(f"{where}.{unknown[0]} is not a known field here")
+
+
+@functools.lru_cache(maxsize=256)
+def _json_schema_problem(text: str) -> str | None:
+    """Why the JSON Schema in ``text`` is not a valid Draft 2020-12 schema, or None. Cached by
+    the schema's canonical text: a job sends one schema for many items. Without ``jsonschema``
+    (a dependency of Ray, so normally there) the engine's compiler is the only judge."""
+    try:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        Draft202012Validator.check_schema(json.loads(text))
+    except SchemaError as exc:
+        return f"{exc.message} (at {exc.json_path})"
+    except RecursionError:
+        return "it is nested too deeply"
+    return None
+
+
 def parse_request(url: Any, body: Any) -> Request:
     """Parse an OpenAI batch request; raises PermanentError naming the field and the reason.
 
@@ -171,6 +270,7 @@ def parse_request(url: Any, body: Any) -> Request:
     seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
     n = _integer(body, "n", 1, 1, 128)
     assert max_tokens is not None and n is not None
+    logprobs, top_logprobs = _logprobs(body, task)
     return Request(
         task=task,
         model=model,
@@ -182,6 +282,11 @@ def parse_request(url: Any, body: Any) -> Request:
         stop=_stop(body),
         seed=seed,
         n=n,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        response_format=_response_format(body, task),
     )
 
 
@@ -233,14 +338,84 @@ def estimate_tokens(request: Request) -> int:
 
 
 @dataclass(slots=True)
+class Choice:
+    """One of a generation's ``n`` choices. ``logprobs`` is OpenAI's chat ``logprobs.content``
+    list, ``[{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]``,
+    or None when logprobs were not asked for."""
+
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
 class Result:
-    """What an engine returns for one item."""
+    """What an engine returns for one item.
+
+    ``output_text`` and ``finish_reason`` are choice 0's and ``completion_tokens`` the sum over
+    all choices; ``choices`` is set only when the request asked for ``n > 1`` or for logprobs
+    (:meth:`from_choices` keeps to that)."""
 
     output_text: str | None = None
     embedding: list[float] | None = None
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    choices: list[Choice] | None = None
+
+    @classmethod
+    def from_choices(cls, request: Request, choices: list[Choice], prompt_tokens: int) -> Result:
+        """The result of a generation with these choices (in index order, at least one)."""
+        first = choices[0]
+        return cls(
+            output_text=first.text,
+            finish_reason=first.finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in choices),
+            choices=list(choices) if request.n > 1 or request.logprobs else None,
+        )
+
+
+def choices_column(result: Result) -> list[dict[str, Any]] | None:
+    """The ``choices`` value of a result row: one struct per choice, its logprobs as JSON text
+    (a -inf logprob written as -9999.0, as OpenAI does, so the text stays strict JSON)."""
+    if result.choices is None:
+        return None
+    return [
+        {
+            "index": c.index,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "completion_tokens": c.completion_tokens,
+            "logprobs": None
+            if c.logprobs is None
+            else json.dumps(_finite(c.logprobs), separators=(",", ":"), allow_nan=False),
+        }
+        for c in result.choices
+    ]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _LOGPROB_FLOOR
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+CHOICE_TYPE = pa.struct(
+    [
+        pa.field("index", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("logprobs", pa.string()),  # JSON text of the chat logprobs.content list
+    ]
+)
 
 
 RESULT_SCHEMA = pa.schema(
@@ -257,6 +432,9 @@ RESULT_SCHEMA = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("latency_ms", pa.float64()),
         pa.field("completed_at", pa.timestamp("us", tz="UTC")),
+        # Last, so older readers' column order holds; null when n == 1 and no logprobs, and
+        # in shards written before the column existed (readers pass this schema: nulls).
+        pa.field("choices", pa.list_(CHOICE_TYPE)),
     ]
 )
 

@@ -77,10 +77,9 @@ class TransformersEngine:
                 f"model {self.model_name} does not serve {request.task} requests",
                 code="unsupported",
             )
-        if request.n != 1:
-            raise PermanentError(
-                "n > 1 is not supported by the transformers engine", code="unsupported"
-            )
+        reason = _unsupported_reason(request)
+        if reason is not None:
+            raise PermanentError(reason, code="unsupported")
         if request.task == "chat":
             text = self.tokenizer.apply_chat_template(
                 list(request.messages), tokenize=False, add_generation_prompt=True
@@ -209,6 +208,22 @@ class TransformersEngine:
 
     def close(self) -> None:
         del self.model
+
+
+def _unsupported_reason(request: Request) -> str | None:
+    """Why this engine cannot honour a request's sampling options (it refuses rather than
+    ignores them), naming the field; None when it can."""
+    needs = "needs engine.kind vllm (the transformers engine has"
+    if request.n != 1:
+        return f"body.n > 1 {needs} one choice per item)"
+    if request.response_format is not None:
+        return f"body.response_format {needs} no structured outputs)"
+    if request.logprobs:
+        return f"body.logprobs {needs} no token logprobs)"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name) != 0.0:
+            return f"body.{name} {needs} no {name.replace('_', ' ')})"
+    return None
 
 
 def _device(name: str) -> torch.device:

@@ -86,3 +86,23 @@ def test_unparsable_packs_fall_back_to_one_item_per_prompt() -> None:
     assert [r.output_text for r in results if isinstance(r, Result)] == [
         f"single q{i}" for i in range(5)
     ]
+
+
+def test_items_asking_for_logprobs_format_or_penalties_are_never_packed() -> None:
+    import dataclasses
+
+    options: list[dict[str, object]] = [
+        {"logprobs": True},
+        {"response_format": {"type": "json_object"}},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": 0.5},
+    ]
+    batch = [
+        Prepared(dataclasses.replace(chat(f"q{i}"), **fields), [1] * 5)  # type: ignore[arg-type]
+        for i, fields in enumerate(options)
+    ]
+    engine = _ScriptedEngine(follow=True)
+    results = run_packed(engine, batch, lambda item: 4)
+    assert [r.output_text for r in results if isinstance(r, Result)] == [
+        f"single q{i}" for i in range(4)
+    ]
