@@ -76,6 +76,7 @@ class WorkerPool:
                 logger.warning(
                     "worker lost worker=%s released=%d: %s", member.worker_id, released, message
                 )
+                ray.kill(member.handle)  # an engine-fatal worker is alive: free its slot now
             if replace:
                 self._start_one()
         return ended

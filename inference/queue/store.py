@@ -83,6 +83,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CAUSE_COLUMN = {"error": "n_error", "lease_expired": "n_expired", "worker_lost": "n_lost"}
+_FREE_CAUSES = ("drained", "engine_fatal")  # returned without charging an attempt
 _MESSAGE_MAX = 2000
 _INSERT_CHUNK = 128  # rows per multi-row INSERT (one statement binds them all in C)
 
@@ -482,12 +483,14 @@ class QueueStore:
         return refused
 
     def release(self, tokens: Sequence[LeaseToken], cause: str = "drained") -> list[Refusal]:
-        """Give leased items back to pending. ``drained`` (a planned stop) costs no attempt;
-        any other cause (``worker_lost``) counts one, and dead-letters the item when its
-        attempts are spent (a poison item that kills its workers must end somewhere)."""
+        """Give leased items back to pending. ``drained`` (a planned stop) and
+        ``engine_fatal`` (the worker's engine died under the item: the engine's fault, not the
+        item's) cost no attempt; any other cause (``worker_lost``) counts one, and
+        dead-letters the item when its attempts are spent (a poison item that kills its
+        workers must end somewhere)."""
         now = self._sweep()
         held, refused = self._fence(_tokens(tokens), now)
-        if cause not in ("drained", "lease_expired", "worker_lost"):
+        if cause not in _FREE_CAUSES and cause not in _CAUSE_COLUMN:
             cause = "worker_lost"  # an unplanned loss we have no name for still costs
         if held:
             with self._tx():
