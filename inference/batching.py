@@ -134,6 +134,27 @@ class Batcher:
             batch, self._items = take_batch(self._items, self.max_batch_size, self.max_batch_tokens)
             return batch
 
+    def take_fill(self, max_items: int, max_tokens: int, timeout_s: float) -> list[Prepared]:
+        """For engines fed continuously: up to ``max_items`` buffered items, oldest first,
+        whose ``cost_tokens`` fit ``max_tokens`` (the first always does, so an item larger than
+        the budget still runs alone). Waits up to ``timeout_s`` for one to arrive."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._items:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            taken = 0
+            budget = max_tokens
+            for item in self._items:
+                if taken >= max_items or (taken and item.cost_tokens > budget):
+                    break
+                budget -= item.cost_tokens
+                taken += 1
+            batch, self._items = self._items[:taken], self._items[taken:]
+            return batch
+
     def drain(self) -> list[Prepared]:
         """Everything still buffered (for release on shutdown)."""
         with self._cond:

@@ -27,7 +27,8 @@ class _Section(BaseModel):
 
 class EngineConfig(_Section):
     kind: Literal["transformers", "vllm"] = Field(
-        "transformers", description="Engine implementation: vllm on GPUs, transformers anywhere."
+        "transformers",
+        description="Engine implementation: vllm (GPUs, or its CPU build), transformers anywhere.",
     )
     model: str = Field(
         "tiny-llama",
@@ -46,7 +47,16 @@ class EngineConfig(_Section):
         None, ge=16, description="Context length; defaults to the model's own."
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments passed to the engine (vLLM)."
+        default_factory=dict,
+        description="Extra keyword arguments passed to the engine: vllm.LLM(...) for vLLM "
+        "(enforce_eager, kv_cache_memory_bytes, max_num_seqs, gpu_memory_utilization, ...).",
+    )
+    schema_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="vLLM: longest compile of one response_format JSON schema; an item whose "
+        "schema takes longer is dead-lettered (code schema_timeout), the engine never waits.",
     )
 
 

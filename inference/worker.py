@@ -5,12 +5,19 @@ Three threads, so the engine never waits on the queue or on storage:
 - the **lease thread** leases items ahead of the engine (``prefetch_batches`` worth), prepares
   them (tokenize, context check) into the :class:`~inference.batching.Batcher`, and heartbeats
   every lease the worker holds;
-- the **engine loop** (the ``run`` call) takes batches and runs them in isolation;
+- the **engine loop** (the ``run`` call) takes batches and runs them in isolation; or, for an
+  engine with its own scheduler (vLLM, a
+  :class:`~inference.engines.base.ContinuousEngine`), submits each prepared item as soon as
+  the engine has room (``max_batch_size`` requests and ``max_batch_tokens`` in flight) and
+  takes every result from the step that finished it, so no item waits on a batch's longest;
 - the **writer thread** collects results per job and commits shards through the WorkQueue's
   commit protocol (declare, write and fsync, publish and complete).
 
 ``drain`` stops leasing, finishes what is held, commits, and returns; ``stop`` releases what is
-not finished (no attempt charged) and returns.
+not finished (no attempt charged) and returns. When the engine dies (engine-fatal), what was
+computed is still committed, everything else the worker holds goes back to the queue with no
+attempt charged (cause ``engine_fatal``: the engine's fault, not the items'), and ``run``
+raises so that the pool replaces the worker.
 """
 
 from __future__ import annotations
@@ -30,14 +37,14 @@ import ray
 
 from inference.batching import Batcher
 from inference.config import Config
-from inference.engines import Prepared, make_engine
+from inference.engines import ContinuousEngine, Prepared, is_continuous, make_engine
 from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
 from inference.faults import fault
 from inference.heap import freeze_startup_heap
 from inference.packing import run_packed
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
-from inference.schema import Result, decode_payload
+from inference.schema import Result, choices_column, decode_payload
 from inference.shards import JobOutput, results_table
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,9 @@ class InferenceWorker:
             min(b.max_batch_size, self.engine.max_batch_size), b.max_batch_tokens, b.max_wait_ms
         )
         self.prefetch_items = b.max_batch_size * b.prefetch_batches
+        self.continuous = is_continuous(self.engine)
+        self.max_in_flight = b.max_batch_size
+        self.max_in_flight_tokens = b.max_batch_tokens
         self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
         self._held_lock = threading.Lock()
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -113,6 +123,7 @@ class InferenceWorker:
             "pid": os.getpid(),
             "held": held,
             "buffered": len(self.batcher),
+            "in_flight": self.engine.in_flight() if self.continuous else 0,  # type: ignore[attr-defined]
             "gpus": ray.get_gpu_ids(),
             "fatal": self._fatal,
             **self._counters,
@@ -138,17 +149,10 @@ class InferenceWorker:
         lease_thread.start()
         writer_thread.start()
         try:
-            while not self._stopping.is_set():
-                batch = self.batcher.take()
-                if batch:
-                    self._state = "busy"
-                    self._run_batch(batch)
-                    continue
-                self._state = "leasing"
-                if self._draining.is_set() and not lease_thread.is_alive():
-                    break
-                if self._queue_empty.is_set():
-                    self._flush_now.set()  # nothing more is coming soon: commit what we have
+            if self.continuous:
+                self._feed(lease_thread)
+            else:
+                self._batches(lease_thread)
         except EngineFatalError as exc:
             self._fatal = str(exc)
             logger.error("engine fatal worker=%s: %s", self.worker_id, exc)
@@ -156,13 +160,101 @@ class InferenceWorker:
         finally:
             self._draining.set()
             lease_thread.join()
-            self._release(self.batcher.drain())
+            cause = "engine_fatal" if self._fatal else "drained"
+            self._release(self.batcher.drain(), cause)
+            if self.continuous:
+                self._release(self._engine_abort(), cause)
             self._writer_stop.set()
             writer_thread.join()
+            if self._fatal:
+                self._release_held("engine_fatal")  # e.g. the batch the engine died under
+            self._close_engine()
             self._state = "stopped"
         if self._fatal:
             raise EngineFatalError(self._fatal)
         return self.info()
+
+    def _batches(self, lease_thread: threading.Thread) -> None:
+        """Batch at a time: the fullest batch the buffer gives, run in isolation."""
+        while not self._stopping.is_set():
+            batch = self.batcher.take()
+            if batch:
+                self._state = "busy"
+                self._run_batch(batch)
+                continue
+            self._state = "leasing"
+            if self._draining.is_set() and not lease_thread.is_alive():
+                break
+            if self._queue_empty.is_set():
+                self._flush_now.set()  # nothing more is coming soon: commit what we have
+
+    def _feed(self, lease_thread: threading.Thread) -> None:
+        """Continuous feeding: top the engine up to its in-flight limits between steps, and
+        take each result as soon as its step reports it."""
+        engine: ContinuousEngine = self.engine  # type: ignore[assignment]
+        wait_s = self.batcher.max_wait_s
+        unassigned_s = 0.0  # engine time not yet charged to a finished item
+        while not self._stopping.is_set():
+            in_flight = engine.in_flight()
+            room = self.max_in_flight - in_flight
+            budget = self.max_in_flight_tokens - engine.in_flight_tokens()
+            if room > 0 and (budget > 0 or not in_flight):
+                new = self.batcher.take_fill(room, budget, 0.0 if in_flight else wait_s)
+                if new:
+                    refused = engine.submit(new)
+                    if refused:
+                        self._fail([(item.key, error) for item, error in refused])
+            if not engine.in_flight():
+                self._state = "leasing"
+                if self._draining.is_set() and not lease_thread.is_alive() and not self.batcher:
+                    return
+                if self._queue_empty.is_set():
+                    self._flush_now.set()
+                continue
+            self._state = "busy"
+            started = time.monotonic()
+            in_flight = engine.in_flight()
+            finished = engine.step()
+            elapsed = time.monotonic() - started
+            self._counters["busy_s"] += elapsed
+            unassigned_s += elapsed
+            if not finished:
+                continue
+            self._counters["batches"] += 1
+            self._counters["items"] += len(finished)
+            self._counters["last_batch_size"] = in_flight
+            self._counters["last_batch_tokens"] = engine.in_flight_tokens()
+            self._settle(finished, unassigned_s / len(finished))
+            unassigned_s = 0.0
+
+    def _close_engine(self) -> None:
+        """Let the engine end its own processes (vLLM's core) before the actor is killed."""
+        try:
+            self.engine.close()
+        except Exception as exc:
+            logger.warning("engine close failed worker=%s: %s", self.worker_id, exc)
+
+    def _engine_abort(self) -> list[Prepared]:
+        engine: ContinuousEngine = self.engine  # type: ignore[assignment]
+        try:
+            return engine.abort()
+        except Exception as exc:
+            logger.warning("engine abort failed worker=%s: %s", self.worker_id, exc)
+            return []
+
+    def _settle(self, finished: list[tuple[Prepared, Result | ItemError]], busy_s: float) -> None:
+        """Results to their job's pending shard, errors to the queue."""
+        now = datetime.now(UTC)
+        failures: list[tuple[LeasedItem, ItemError]] = []
+        with self._pending_lock:
+            for item, result in finished:
+                leased: LeasedItem = item.key
+                if isinstance(result, ItemError):
+                    failures.append((leased, result))
+                    continue
+                self._add_row(leased, result, item, now, busy_s)
+        if failures:
+            self._fail(failures)
 
     def _run_batch(self, batch: list[Prepared]) -> None:
         start = time.monotonic()
@@ -173,18 +265,7 @@ class InferenceWorker:
         self._counters["busy_s"] += elapsed
         self._counters["last_batch_size"] = len(batch)
         self._counters["last_batch_tokens"] = sum(it.cost_tokens for it in batch)
-        per_item_s = elapsed / len(batch)
-        now = datetime.now(UTC)
-        failures: list[tuple[LeasedItem, ItemError]] = []
-        with self._pending_lock:
-            for item, result in zip(batch, results, strict=True):
-                leased: LeasedItem = item.key
-                if isinstance(result, ItemError):
-                    failures.append((leased, result))
-                    continue
-                self._add_row(leased, result, item, now, per_item_s)
-        if failures:
-            self._fail(failures)
+        self._settle(list(zip(batch, results, strict=True)), elapsed / len(batch))
 
     def _add_row(
         self, leased: LeasedItem, result: Result, item: Prepared, now: datetime, busy_s: float
@@ -198,6 +279,7 @@ class InferenceWorker:
                 "custom_id": leased.item_id,
                 "output_text": result.output_text,
                 "embedding": result.embedding,
+                "choices": choices_column(result),
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
@@ -296,10 +378,17 @@ class InferenceWorker:
             ray.get(self.queue.fail.remote(tokens, kind, code, message))
         self._forget(t for group in groups.values() for t in group)
 
-    def _release(self, items: list[Prepared]) -> None:
+    def _release(self, items: list[Prepared], cause: str = "drained") -> None:
         tokens = [it.key.token for it in items]
         if tokens:
-            ray.get(self.queue.release.remote(tokens, "drained"))
+            ray.get(self.queue.release.remote(tokens, cause))
+            self._forget(tokens)
+
+    def _release_held(self, cause: str) -> None:
+        with self._held_lock:
+            tokens = list(self._held)
+        if tokens:
+            ray.get(self.queue.release.remote(tokens, cause))
             self._forget(tokens)
 
     def _forget(self, tokens: Any) -> None:
@@ -312,6 +401,12 @@ class InferenceWorker:
         if job_id not in self._settings:
             spec = ray.get(self.queue.job_spec.remote(job_id))
             self._settings[job_id] = spec.settings
+            if self.continuous and int(spec.settings.get("pack_items", 1)) > 1:
+                logger.warning(
+                    "job=%s: batching.pack_items is ignored by an engine fed continuously "
+                    "(its scheduler batches requests itself)",
+                    job_id,
+                )
             self._outputs[job_id] = JobOutput(
                 spec.settings["output_path"], job_id, spec.settings.get("output_format", "parquet")
             )

@@ -1,12 +1,13 @@
 """Engines: one contract (:class:`~inference.engines.base.Engine`), two implementations.
-``transformers`` runs anywhere; ``vllm`` (GPU) is imported only when a config asks for it."""
+``transformers`` runs anywhere; ``vllm`` (GPUs, or its CPU build) is imported only when a config
+asks for it, and is fed continuously."""
 
 from __future__ import annotations
 
 from inference.config import BatchingConfig, EngineConfig
-from inference.engines.base import Engine, Prepared
+from inference.engines.base import ContinuousEngine, Engine, Prepared, is_continuous
 
-__all__ = ["Engine", "Prepared", "make_engine"]
+__all__ = ["ContinuousEngine", "Engine", "Prepared", "is_continuous", "make_engine"]
 
 
 def make_engine(config: EngineConfig, batching: BatchingConfig) -> Engine:

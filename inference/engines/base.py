@@ -5,6 +5,10 @@ is a :class:`~inference.errors.PermanentError` before it ever reaches a forward 
 prepared items in batches, returning exactly one :class:`~inference.schema.Result` or one
 :class:`~inference.errors.ItemError` per item, in order. Errors that doom the engine itself are
 raised as :class:`~inference.errors.EngineFatalError`.
+
+An engine with a scheduler of its own (vLLM) is also a :class:`ContinuousEngine`: items are
+``submit``-ted as they arrive and each comes back from the ``step`` that finished it, so the
+worker keeps the engine full across lease boundaries and no item waits for a batch's longest.
 """
 
 from __future__ import annotations
@@ -52,3 +56,33 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ContinuousEngine(Engine, Protocol):
+    """An engine fed item by item; its own scheduler forms the batches."""
+
+    continuous: bool  # False where this model runs batch at a time (e.g. vLLM embeddings)
+
+    def in_flight(self) -> int:
+        """Items submitted and not finished."""
+        ...
+
+    def in_flight_tokens(self) -> int:
+        """Sum of ``cost_tokens`` of the items in flight."""
+        ...
+
+    def submit(self, items: list[Prepared]) -> list[tuple[Prepared, ItemError]]:
+        """Add items to the engine; returns those it refused, each with its error."""
+        ...
+
+    def step(self) -> list[tuple[Prepared, Result | ItemError]]:
+        """Advance the engine; returns the items finished since the last step."""
+        ...
+
+    def abort(self) -> list[Prepared]:
+        """Take every item out of the engine and return them."""
+        ...
+
+
+def is_continuous(engine: Engine) -> bool:
+    return bool(getattr(engine, "continuous", False))
