@@ -329,8 +329,19 @@ def load_config(path: str | Path) -> Config:
 
 
 def _warn_wasteful(config: Config) -> None:
-    if config.engine.kind == "vllm" and config.scaling.gpus_per_worker == 0:
-        logger.warning("engine.kind is vllm but scaling.gpus_per_worker is 0: vLLM needs a GPU")
+    scaling = config.scaling
+    if (
+        config.engine.kind == "vllm"
+        and scaling.gpus_per_worker == 0
+        and scaling.cpus_per_worker < 2
+    ):
+        logger.warning(
+            "engine.kind is vllm on CPUs (scaling.gpus_per_worker is 0) with "
+            "scaling.cpus_per_worker %g: vLLM's CPU engine binds its OpenMP threads to cores "
+            "and keeps one for itself, so workers sharing cores slow each other badly; give "
+            "each worker the cores it uses (2 or more), or set gpus_per_worker on GPUs",
+            scaling.cpus_per_worker,
+        )
     if config.queue.lease_s < 5:
         logger.warning(
             "queue.lease_s=%s is short: slow batches may lose their lease", config.queue.lease_s

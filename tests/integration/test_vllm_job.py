@@ -69,6 +69,16 @@ SCHEMA = {
 def test_a_job_through_vllm_streams_past_its_long_answers_and_keeps_every_field(
     ray_cluster: Path, queue_db: Path, tmp_path: Path
 ) -> None:
+    # 64 in flight: the long answers are leased first and hold 6 of the 64 places; the rest
+    # of the job streams through the other 58 while they run.
+    config = vllm_job_config(tmp_path, queue_db, max_batch_size=64, max_batch_tokens=1 << 20)
+    check_a_streaming_job(tmp_path, queue_db, config)
+
+
+def check_a_streaming_job(tmp_path: Path, queue_db: Path, config: Any) -> None:
+    """A job whose first items have long answers: the rest overtake them (no batch
+    barrier), and n, logprobs and response_format reach the output and its export. Shared
+    with tests/gpu."""
     rng = random.Random(3)
     bodies = [(f"long-{i}", chat_body(f"go on {i}", 1200)) for i in range(6)]
     bodies += [(f"short-{i:04d}", chat_body(f"item {i}", rng.randint(4, 16))) for i in range(400)]
@@ -88,9 +98,6 @@ def test_a_job_through_vllm_streams_past_its_long_answers_and_keeps_every_field(
         ),
     ]
     path = write_jsonl(tmp_path / "in.jsonl", bodies)
-    # 64 in flight: the long answers are leased first and hold 6 of the 64 places; the rest
-    # of the job streams through the other 58 while they run.
-    config = vllm_job_config(tmp_path, queue_db, max_batch_size=64, max_batch_tokens=1 << 20)
     thread, box = run_in_thread(path, config, "vllm-stream")
     thread.join(600)
     assert "error" not in box, box.get("error")
