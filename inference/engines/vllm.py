@@ -87,6 +87,7 @@ class VllmEngine:
         if config.max_model_len:
             options["max_model_len"] = config.max_model_len
         options.update(config.options)
+        others = set(_core_pids())  # another engine's, in a process that holds two (tests)
         try:
             self.llm: Any = vllm.LLM(model=str(self.path), **options)
         except Exception as exc:  # vLLM raises many types at start-up
@@ -105,7 +106,7 @@ class VllmEngine:
         self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="schema-compile")
         self._dead: str | None = None
         self._closed = threading.Event()
-        self._core_pids = _core_pids()
+        self._core_pids = [pid for pid in _core_pids() if pid not in others]
         self.frontend_cores = keep_off_engine_cores(self._core_pids)
         threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True).start()
         logger.info(
@@ -387,7 +388,7 @@ class VllmEngine:
         takes ~4 s on CPU, which every finished job would wait for."""
         self._closed.set()
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
-        _kill_engine_processes()
+        _kill_tree(self._core_pids)
         shutdown = getattr(self.engine.engine_core, "shutdown", None)
         if shutdown is not None:
             try:
@@ -411,17 +412,23 @@ def _core_pids() -> list[int]:
     return pids
 
 
-def _kill_engine_processes() -> None:
+def _kill_tree(pids: list[int]) -> None:
+    """SIGKILL these processes (this engine's cores) and everything they started."""
     import psutil
 
     killed = []
-    for child in psutil.Process().children(recursive=True):
+    for pid in pids:
         try:
-            if child.name().startswith("VLLM::"):
-                child.kill()
-                killed.append(child)
+            root = psutil.Process(pid)
+            family = [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
+        for process in family:
+            try:
+                process.kill()
+                killed.append(process)
+            except psutil.Error:
+                continue
     psutil.wait_procs(killed, timeout=0.5)  # they are gone at once; reaped if they are ours
 
 

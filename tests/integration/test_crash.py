@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,18 +90,25 @@ def worker_pids() -> list[int]:
     return pids
 
 
+def worker_infos() -> Iterator[tuple[str, dict]]:
+    """(name, info) of each live worker of the tiny-llama pool, listed afresh: one seen a
+    moment ago may have ended."""
+    for name in ray.util.list_named_actors():
+        if not name.startswith("tiny-llama-"):
+            continue
+        try:
+            info = ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(), timeout=2)
+        except Exception:
+            continue
+        yield name, info
+
+
 def pause_a_worker(timeout_s: float = 60) -> int:
     """SIGSTOP one live worker that holds leases (a paused worker holding nothing would prove
-    nothing). Workers are listed afresh each try: one seen a moment ago may have ended."""
+    nothing)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for name in ray.util.list_named_actors():
-            if not name.startswith("tiny-llama-"):
-                continue
-            try:
-                info = ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(), timeout=2)
-            except Exception:
-                continue
+        for _name, info in worker_infos():
             if info["held"] == 0 or info["state"] not in ("busy", "leasing"):
                 continue
             try:

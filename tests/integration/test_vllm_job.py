@@ -16,14 +16,12 @@ from typing import Any
 import psutil
 import pyarrow.dataset as pads
 import pytest
-import ray
 from openai.types.chat import ChatCompletion
 
 from inference.config import load_config
 from inference.export import output_jsonl
-from inference.queue.actor import NAMESPACE
 from tests.conftest import REPO
-from tests.integration.test_crash import assert_exactly_once, run_in_thread
+from tests.integration.test_crash import assert_exactly_once, run_in_thread, worker_infos
 
 
 def write_jsonl(path: Path, bodies: list[tuple[str, dict[str, Any]]]) -> Path:
@@ -139,13 +137,7 @@ def engine_core_of_a_worker(timeout_s: float = 180) -> tuple[str, int]:
     """(worker id, engine core pid) of a live vLLM worker that holds leases."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for name in ray.util.list_named_actors():
-            if not name.startswith("tiny-llama-"):
-                continue
-            try:
-                info = ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(), timeout=2)
-            except Exception:
-                continue
+        for name, info in worker_infos():
             if info["items"] < 100 or info["state"] != "busy":
                 continue  # let it work a while first, so it holds results and leases
             for child in psutil.Process(info["pid"]).children(recursive=True):
