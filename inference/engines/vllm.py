@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -362,7 +363,12 @@ class VllmEngine:
             outputs = getattr(self.engine.engine_core, "outputs_queue", None)
             if outputs is not None:
                 outputs.put_nowait(EngineDeadError())
-            return
+                return
+            # A vLLM whose client keeps its outputs elsewhere: a step blocked on the dead core
+            # cannot be woken, so end the worker; the pool releases its leases (charging an
+            # attempt) and starts another. Better than a worker that hangs forever.
+            logger.critical("cannot wake the engine loop of a dead vLLM engine: exiting")
+            os._exit(70)
 
     def _core_gone(self) -> str | None:
         resources = getattr(self.engine.engine_core, "resources", None)

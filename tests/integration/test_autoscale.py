@@ -318,6 +318,17 @@ def autoscale_config(work: Path) -> Any:
     )
 
 
+def _wait_for_an_empty_cluster(timeout_s: float = 90.0) -> None:
+    """Start from a cluster without worker nodes: the scenarios share one cluster, and the
+    idle nodes a previous scenario left are being given back; a worker placed on one of them
+    would be lost with it."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.cluster_resources().get("GPU", 0) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
     import ray
     from ray.autoscaler.sdk import request_resources
@@ -330,6 +341,7 @@ def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    _wait_for_an_empty_cluster()
     items = 3000 if kind == "natural" else 2000
     config = autoscale_config(work)
     target_drain_s = config.scaling.target_drain_s
@@ -465,6 +477,7 @@ def controller_scenario(address: str, work: Path) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    _wait_for_an_empty_cluster()
     items, kind, job_id = 2000, "controller", "autoscale-controller"
     config = autoscale_config(work)
     path = work / "input.jsonl"
