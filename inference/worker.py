@@ -81,8 +81,6 @@ class InferenceWorker:
         )
         self.prefetch_items = b.max_batch_size * b.prefetch_batches
         self.continuous = is_continuous(self.engine)
-        self.max_in_flight = b.max_batch_size
-        self.max_in_flight_tokens = b.max_batch_tokens
         self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
         self._held_lock = threading.Lock()
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -196,8 +194,9 @@ class InferenceWorker:
         unassigned_s = 0.0  # engine time not yet charged to a finished item
         while not self._stopping.is_set():
             in_flight = engine.in_flight()
-            room = self.max_in_flight - in_flight
-            budget = self.max_in_flight_tokens - engine.in_flight_tokens()
+            # A continuous engine's in-flight limits are the batcher's batch limits.
+            room = self.batcher.max_batch_size - in_flight
+            budget = self.batcher.max_batch_tokens - engine.in_flight_tokens()
             if room > 0 and (budget > 0 or not in_flight):
                 new = self.batcher.take_fill(room, budget, 0.0 if in_flight else wait_s)
                 if new:

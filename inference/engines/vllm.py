@@ -33,7 +33,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any
 
 from inference.config import EngineConfig
@@ -47,12 +46,6 @@ logger = logging.getLogger(__name__)
 
 _WATCHDOG_S = 0.25  # how often the watchdog checks the engine core
 _CORE_NAMES = ("VLLM::EngineCore", "EngineCore")
-
-
-@dataclass(slots=True)
-class _InFlight:
-    item: Prepared
-    cost_tokens: int
 
 
 class VllmEngine:
@@ -100,7 +93,7 @@ class VllmEngine:
         self.tasks = frozenset({"chat", "completion"} if self.is_generator else {"embedding"})
         self.continuous = self.is_generator
         self._ids = itertools.count()
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, Prepared] = {}  # vLLM request id -> item
         self._in_flight_tokens = 0
         self._schemas: dict[str, Future[None]] = {}
         self._compiler: Any = None
@@ -108,7 +101,7 @@ class VllmEngine:
         self._dead: str | None = None
         self._closed = threading.Event()
         self._core_pids = [pid for pid in _core_pids() if pid not in others]
-        self.frontend_cores = keep_off_engine_cores(self._core_pids)
+        keep_off_engine_cores(self._core_pids)
         threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True).start()
         logger.info(
             "vllm engine ready model=%s context=%d tasks=%s core_pids=%s",
@@ -229,7 +222,7 @@ class VllmEngine:
                     error = PermanentError(f"vLLM refused the request: {exc}", "invalid_request")
                 refused.append((item, error))
                 continue
-            self._in_flight[request_id] = _InFlight(item, item.cost_tokens)
+            self._in_flight[request_id] = item
             self._in_flight_tokens += item.cost_tokens
         return refused
 
@@ -250,16 +243,16 @@ class VllmEngine:
         for out in outputs:
             if not out.finished:
                 continue
-            entry = self._in_flight.pop(out.request_id, None)
-            if entry is None:
+            item = self._in_flight.pop(out.request_id, None)
+            if item is None:
                 continue
-            self._in_flight_tokens -= entry.cost_tokens
-            finished.append((entry.item, self._result(entry.item, out)))
+            self._in_flight_tokens -= item.cost_tokens
+            finished.append((item, self._result(item, out)))
         return finished
 
     def abort(self) -> list[Prepared]:
         """Take every item out of the engine (a stop, a drain past its timeout, a dead core)."""
-        items = [entry.item for entry in self._in_flight.values()]
+        items = list(self._in_flight.values())
         if self._in_flight and self._dead is None:
             try:
                 self.engine.abort_request(list(self._in_flight))
