@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from inference.config import load_config
-from inference.queue.actor import NAMESPACE
+from inference.queue.actor import NAMESPACE, get_queue
 from tests.checker import check
 from tests.conftest import REPO
 
@@ -90,6 +90,15 @@ def worker_pids() -> list[int]:
     return pids
 
 
+def job_done_share(job_id: str) -> float:
+    """The share of the job's items done (0 before the job is in the queue)."""
+    try:
+        stats = ray.get(get_queue().stats.remote(job_id), timeout=2)
+    except Exception:
+        return 0.0
+    return stats["done"] / stats["total"] if stats["total"] else 0.0
+
+
 def worker_infos() -> Iterator[tuple[str, dict]]:
     """(name, info) of each live worker of the tiny-llama pool, listed afresh: one seen a
     moment ago may have ended."""
@@ -141,21 +150,31 @@ def test_kill_9_of_workers_mid_batch_loses_and_duplicates_nothing(
     ray_cluster: Path, queue_db: Path, tmp_path: Path, seed: int
 ) -> None:
     rng = random.Random(seed)
-    # Answers long enough that the job outlives several kills on a fast machine too.
     path = write_items(tmp_path / "in.jsonl", 3000, seed, max_tokens=(6, 12))
     job_id = f"kill-workers-{seed}"
     thread, box = run_in_thread(path, config_for(tmp_path, queue_db), job_id)
+    # Kills go by the job's progress, not the clock: a fast host finishes 3,000 items in
+    # seconds (CI did, before a clock-timed kill came), a slow one in a minute. Each kill waits
+    # until the job has done a further share of its items, then kills a worker that holds
+    # leases, so it lands mid-batch on any host.
     kills = 0
+    marks = iter(sorted(rng.uniform(lo, lo + 0.1) for lo in (0.05, 0.25, 0.45, 0.65)))
+    mark = next(marks)
     deadline = time.monotonic() + 240
-    while thread.is_alive() and kills < 4 and time.monotonic() < deadline:
-        time.sleep(rng.uniform(3, 6))
-        pids = worker_pids()
-        if pids:
-            try:
-                os.kill(rng.choice(pids), signal.SIGKILL)
-            except ProcessLookupError:
-                continue  # that worker ended since it was listed
-            kills += 1
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done = job_done_share(job_id)
+        if done < mark:
+            continue
+        victims = [info["pid"] for _n, info in worker_infos() if info["held"] > 0]
+        if not victims:
+            continue
+        try:
+            os.kill(rng.choice(victims), signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # that worker ended since it was listed
+        kills += 1
+        mark = next(marks, 2.0)
     thread.join(300)
     assert "error" not in box, box.get("error")
     summary = box["summary"]
