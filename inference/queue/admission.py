@@ -89,7 +89,7 @@ def _plainly_good(item: NewItem, short_chars: int) -> bool:
 
 def _plainly_shaped(item: NewItem, short_chars: int) -> bool:
     """All of :func:`_plainly_good` but the JSON parse (a payload that starts as an object)."""
-    item_id, payload, tokens, priority = item
+    item_id, payload, tokens, priority, pool = item
     return (
         type(item_id) is str
         and CUSTOM_ID.match(item_id) is not None
@@ -99,6 +99,7 @@ def _plainly_shaped(item: NewItem, short_chars: int) -> bool:
         and type(tokens) is int
         and tokens >= 0
         and (priority is None or (type(priority) is int and 0 <= priority <= 9))
+        and (pool is None or (type(pool) is str and pool != ""))
     )
 
 
@@ -120,6 +121,8 @@ def problem_of(item: NewItem, max_item_bytes: int) -> str | None:
         return "priority must be an integer in 0..9"
     if not isinstance(item.tokens, int) or item.tokens < 0:
         return "tokens must be a non-negative integer"
+    if item.pool is not None and (not isinstance(item.pool, str) or not item.pool):
+        return "pool must be a non-empty string"
     return None
 
 

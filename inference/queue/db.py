@@ -30,7 +30,7 @@ kept apart from ``PENDING`` so that leasing never scans past items that are back
 
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead", WAITING: "pending"}
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CACHE_KIB = 32 * 1024
 
 _SCHEMA = """
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS items(
     job_id TEXT NOT NULL,
     item_id TEXT NOT NULL,
     payload TEXT NOT NULL,
+    pool TEXT NOT NULL,
     priority INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
     state INTEGER NOT NULL DEFAULT 0,
@@ -73,7 +74,6 @@ CREATE TABLE IF NOT EXISTS items(
     finished_at REAL,
     UNIQUE(job_id, item_id)
 );
-CREATE INDEX IF NOT EXISTS items_pending ON items(job_id, priority, id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS items_dead ON items(job_id, id) WHERE state = 3;
 CREATE INDEX IF NOT EXISTS items_waiting ON items(not_before) WHERE state = 4;
 CREATE INDEX IF NOT EXISTS items_waiting_job ON items(job_id, id) WHERE state = 4;
@@ -91,6 +91,18 @@ CREATE TABLE IF NOT EXISTS shards(
     committed_at REAL,
     PRIMARY KEY(job_id, n)
 );
+CREATE TABLE IF NOT EXISTS pool_usage(
+    job_id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    busy_s REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY(job_id, pool)
+);
+"""
+# After the migration (version 3 files have no items.pool to index).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS items_pending_pool ON items(job_id, pool, priority, id) WHERE state = 0;
 """
 
 
@@ -108,6 +120,7 @@ def connect(path: Path, wall_s: float) -> sqlite3.Connection:
         db.execute("PRAGMA temp_store=MEMORY")
         db.executescript(_SCHEMA)
         _migrate(db, wall_s)
+        db.executescript(_INDEXES)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open the queue database {path}: {exc}") from exc
     return db
@@ -115,7 +128,8 @@ def connect(path: Path, wall_s: float) -> sqlite3.Connection:
 
 def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
     """Version 1 kept backing-off items in ``PENDING`` with a future ``not_before``; versions 1
-    and 2 kept an index of leased items (``items_leased``)."""
+    and 2 kept an index of leased items (``items_leased``); version 3 kept one pool per job
+    (``items.pool`` is new in 4: a job's items may go to several engine pools)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version >= SCHEMA_VERSION:
         return
@@ -126,6 +140,13 @@ def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
                 (WAITING, PENDING, wall_s),
             )
         db.execute("DROP INDEX IF EXISTS items_leased")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+        if "pool" not in columns:
+            db.execute("ALTER TABLE items ADD COLUMN pool TEXT NOT NULL DEFAULT ''")
+            db.execute(
+                "UPDATE items SET pool = (SELECT pool FROM jobs WHERE jobs.job_id = items.job_id)"
+            )
+        db.execute("DROP INDEX IF EXISTS items_pending")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 

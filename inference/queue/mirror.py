@@ -1,6 +1,7 @@
-"""What the store keeps in memory, so that its hot paths cost no query: per job the counts by
-state, pending tokens and attempts by cause; the leasable items by priority and job (what a lease
-plans from); and the outstanding leases (what fencing checks and sweeps read).
+"""What the store keeps in memory, so that its hot paths cost no query: per job (and per engine
+pool of the job) the counts by state, pending tokens and attempts by cause; the leasable items by
+priority and lane (a job's items for one pool: what a lease plans from); and the outstanding
+leases (what fencing checks and sweeps read).
 
 The database is the truth: the mirror is loaded from it at start (and again if the two are ever
 found to differ), and the store changes it only after a transaction that made the same change
@@ -26,23 +27,52 @@ CAUSES = ("error", "lease_expired", "worker_lost")
 
 
 @dataclass(slots=True)
-class Job:
-    spec: JobSpec
-    state: str  # active | paused | cancelled
-    created_at: float
+class Tally:
+    """Counts by state, backlog tokens and usage: of a whole job, or of its items for one pool."""
+
     counts: Counter[int] = field(default_factory=Counter)
     pending_tokens: int = 0
     pending_by_priority: Counter[int] = field(default_factory=Counter)
-    attempts_by_cause: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     busy_s: float = 0.0
+
+    def shift(self, old: int | None, new: int, priority: int, n: int, tokens: int) -> None:
+        if old is not None:
+            self.counts[old] -= n
+        self.counts[new] += n
+        if old in BACKLOG:
+            self.pending_tokens -= tokens
+            self.pending_by_priority[priority] -= n
+        if new in BACKLOG:
+            self.pending_tokens += tokens
+            self.pending_by_priority[priority] += n
+
+    def use(self, prompt: int, completion: int, busy_s: float) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.busy_s += busy_s
+
+
+@dataclass(slots=True, kw_only=True)
+class Job(Tally):
+    spec: JobSpec
+    state: str  # active | paused | cancelled
+    created_at: float
+    attempts_by_cause: Counter[str] = field(default_factory=Counter)
     next_shard: int = 0
+    pools: dict[str, Tally] = field(default_factory=dict)  # the job's items by engine pool
     schedule: Schedule = field(init=False)
 
     def __post_init__(self) -> None:
         spec = self.spec
         self.schedule = Schedule(spec.not_before, spec.windows, spec.timezone)
+
+    def pool(self, name: str) -> Tally:
+        tally = self.pools.get(name)
+        if tally is None:
+            tally = self.pools[name] = Tally()
+        return tally
 
 
 @dataclass(slots=True)
@@ -57,8 +87,10 @@ class Lease:
     tokens: int
     attempts: int
     worker: str | None
+    pool: str
 
 
+Lane = tuple[str, str]  # (job_id, pool): a job's items for one engine pool
 Held = tuple[int, Lease]  # (item rowid, its lease)
 Move = tuple[int, Lease, int]  # (item rowid, its lease, the state it moved to)
 
@@ -68,7 +100,8 @@ class Mirror:
 
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
-        self.ready: dict[int, dict[str, int]] = {}  # {priority: {job_id: leasable}}, no zeros
+        # {priority: {(job_id, pool): leasable}}, no zeros
+        self.ready: dict[int, dict[Lane, int]] = {}
         self.leases: dict[int, Lease] = {}
 
     def load(self, db: sqlite3.Connection) -> None:
@@ -102,17 +135,22 @@ class Mirror:
                 busy_s=row[9],
                 next_shard=row[10],
             )
-        for job_id, state, priority, n, tokens, n_error, n_expired, n_lost in db.execute(
-            "SELECT job_id, state, priority, COUNT(*), SUM(tokens), SUM(n_error), SUM(n_expired),"
-            " SUM(n_lost) FROM items GROUP BY job_id, state, priority"
+        for job_id, pool, state, priority, n, tokens, n_error, n_expired, n_lost in db.execute(
+            "SELECT job_id, pool, state, priority, COUNT(*), SUM(tokens), SUM(n_error),"
+            " SUM(n_expired), SUM(n_lost) FROM items GROUP BY job_id, pool, state, priority"
         ):
             job = self.jobs[job_id]
-            self.shift(job, None, state, priority, n, tokens)
+            self.shift(job, None, state, priority, n, tokens, pool)
             job.attempts_by_cause.update(
                 dict(zip(CAUSES, (n_error, n_expired, n_lost), strict=True))
             )
+        for job_id, pool, *usage in db.execute(
+            "SELECT job_id, pool, prompt_tokens, completion_tokens, busy_s FROM pool_usage"
+        ):
+            if job_id in self.jobs:
+                self.jobs[job_id].pool(pool).use(*usage)
         for item_id, epoch, deadline, *rest in db.execute(
-            "SELECT id, epoch, deadline, lease_s, job_id, priority, tokens, attempts, worker"
+            "SELECT id, epoch, deadline, lease_s, job_id, priority, tokens, attempts, worker, pool"
             " FROM items WHERE state = 1"
         ):
             self.leases[item_id] = Lease(epoch, -math.inf if deadline is None else deadline, *rest)
@@ -124,45 +162,45 @@ class Mirror:
             raise QueueError(f"unknown job {job_id!r}") from None
 
     def shift(
-        self, job: Job, old: int | None, new: int, priority: int, n: int, tokens: int
+        self,
+        job: Job,
+        old: int | None,
+        new: int,
+        priority: int,
+        n: int,
+        tokens: int,
+        pool: str,
     ) -> None:
-        """Move ``n`` items (``tokens`` in all) of one job and priority between states.
+        """Move ``n`` items (``tokens`` in all) of one job, pool and priority between states.
         ``old`` None: new items."""
-        if old is not None:
-            job.counts[old] -= n
-        job.counts[new] += n
-        if old in BACKLOG:
-            job.pending_tokens -= tokens
-            job.pending_by_priority[priority] -= n
-        if new in BACKLOG:
-            job.pending_tokens += tokens
-            job.pending_by_priority[priority] += n
+        job.shift(old, new, priority, n, tokens)
+        job.pool(pool).shift(old, new, priority, n, tokens)
         if old == PENDING:
-            self._add_ready(job.spec.job_id, priority, -n)
+            self._add_ready((job.spec.job_id, pool), priority, -n)
         if new == PENDING:
-            self._add_ready(job.spec.job_id, priority, n)
+            self._add_ready((job.spec.job_id, pool), priority, n)
 
-    def _add_ready(self, job_id: str, priority: int, n: int) -> None:
-        jobs = self.ready.setdefault(priority, {})
-        left = jobs.get(job_id, 0) + n
+    def _add_ready(self, lane: Lane, priority: int, n: int) -> None:
+        lanes = self.ready.setdefault(priority, {})
+        left = lanes.get(lane, 0) + n
         if left > 0:
-            jobs[job_id] = left
+            lanes[lane] = left
         else:
-            jobs.pop(job_id, None)
+            lanes.pop(lane, None)
 
-    def tally(self, moves: Iterable[tuple[str, int, int]], old: int, new: int) -> None:
-        """Moves ``(job_id, priority, tokens)`` from ``old`` to ``new``, counted with one
-        update per job and priority."""
-        groups: dict[tuple[str, int], list[int]] = {}
-        for job_id, priority, tokens in moves:
-            group = groups.get((job_id, priority))
+    def tally(self, moves: Iterable[tuple[str, int, int, str]], old: int, new: int) -> None:
+        """Moves ``(job_id, priority, tokens, pool)`` from ``old`` to ``new``, counted with one
+        update per job, pool and priority."""
+        groups: dict[tuple[str, int, str], list[int]] = {}
+        for job_id, priority, tokens, pool in moves:
+            group = groups.get((job_id, priority, pool))
             if group is None:
-                groups[(job_id, priority)] = [1, tokens]
+                groups[(job_id, priority, pool)] = [1, tokens]
             else:
                 group[0] += 1
                 group[1] += tokens
-        for (job_id, priority), (n, tokens) in groups.items():
-            self.shift(self.jobs[job_id], old, new, priority, n, tokens)
+        for (job_id, priority, pool), (n, tokens) in groups.items():
+            self.shift(self.jobs[job_id], old, new, priority, n, tokens, pool)
 
     def settle(self, moves: list[Move], cause: str | None) -> None:
         """Moves out of ``leased``: drop the leases, count the moves and the attempts they
@@ -171,7 +209,9 @@ class Mirror:
             del self.leases[item_id]
         for new in {m[2] for m in moves}:
             self.tally(
-                ((h.job_id, h.priority, h.tokens) for _, h, s in moves if s == new), LEASED, new
+                ((h.job_id, h.priority, h.tokens, h.pool) for _, h, s in moves if s == new),
+                LEASED,
+                new,
             )
         if cause in CAUSES:
             for _, held, _ in moves:

@@ -48,12 +48,14 @@ class JobSpec:
 
 
 class NewItem(NamedTuple):
-    """An item to enqueue. ``payload`` is a JSON object as text; ``priority`` None: the job's."""
+    """An item to enqueue. ``payload`` is a JSON object as text; ``priority`` None: the job's;
+    ``pool`` None: the job's (the engine pool whose workers lease it)."""
 
     item_id: str
     payload: str
     tokens: int = 1
     priority: int | None = None
+    pool: str | None = None
 
 
 class LeasedItem(NamedTuple):

@@ -50,7 +50,7 @@ from inference.queue.db import (
     json_checker,
 )
 from inference.queue.fairness import fair_shares, fit_token_budget
-from inference.queue.mirror import BACKLOG, CAUSES, Held, Job, Lease, Mirror, Move
+from inference.queue.mirror import BACKLOG, CAUSES, Held, Job, Lease, Mirror, Move, Tally
 from inference.queue.records import (
     EnqueueResult,
     JobSpec,
@@ -89,12 +89,12 @@ _INSERT_CHUNK = 128  # rows per multi-row INSERT (one statement binds them all i
 
 _PICK_SQL = (
     "SELECT id, epoch, item_id, payload, attempts, tokens FROM items"
-    " WHERE job_id = ? AND priority = ? AND state = 0 ORDER BY id LIMIT ?"
+    " WHERE job_id = ? AND pool = ? AND priority = ? AND state = 0 ORDER BY id LIMIT ?"
 )
 # The picked rows are exactly the first ones of the partial index, so a range takes them all.
 _TAKE_SQL = (
     "UPDATE items SET state = 1, epoch = epoch + 1, deadline = ?, lease_s = ?, worker = ?"
-    " WHERE job_id = ? AND priority = ? AND state = 0 AND id <= ?"
+    " WHERE job_id = ? AND pool = ? AND priority = ? AND state = 0 AND id <= ?"
 )
 _IDS = "(SELECT value FROM json_each(?))"
 
@@ -189,7 +189,7 @@ class QueueStore:
             with self._tx():
                 woken = self._db.execute(
                     "UPDATE items SET state = 0 WHERE state = 4 AND not_before <= ?"
-                    " RETURNING job_id, priority, tokens",
+                    " RETURNING job_id, priority, tokens, pool",
                     (wall,),
                 ).fetchall()
             self._m.tally(woken, WAITING, PENDING)
@@ -238,7 +238,7 @@ class QueueStore:
         if job.state == "cancelled" and state != "cancelled":
             raise QueueError(f"job {job_id!r} is cancelled")
         now = self._wall()
-        moved: dict[int, list[tuple[str, int, int]]] = {}
+        moved: dict[int, list[tuple[str, int, int, str]]] = {}
         with self._tx():
             self._db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (state, job_id))
             if state == "cancelled":
@@ -247,7 +247,7 @@ class QueueStore:
                         "UPDATE items SET state = 3, error_kind = 'permanent',"
                         " error_code = 'cancelled', error_message = 'the job was cancelled',"
                         f" finished_at = ? WHERE job_id = ? AND state = {old}"
-                        " RETURNING job_id, priority, tokens",
+                        " RETURNING job_id, priority, tokens, pool",
                         (now, job_id),
                     ).fetchall()
         job.state = state
@@ -274,6 +274,7 @@ class QueueStore:
                 job_id,
                 it.item_id,
                 it.payload,
+                it.pool or job.spec.pool,
                 job.spec.priority if it.priority is None else it.priority,
                 max(1, it.tokens),
                 job.spec.not_before,
@@ -287,13 +288,13 @@ class QueueStore:
                 existing = self._existing(job_id, fresh, last_id)
                 rows = [r for r in rows if r[1] not in existing]
                 duplicates.extend(existing)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
         for r in rows:
-            group = groups.setdefault(r[3], [0, 0])
+            group = groups.setdefault((r[4], r[3]), [0, 0])
             group[0] += 1
-            group[1] += r[4]
-        for priority, (n, tokens) in groups.items():
-            self._m.shift(job, None, PENDING, priority, n, tokens)
+            group[1] += r[5]
+        for (priority, pool), (n, tokens) in groups.items():
+            self._m.shift(job, None, PENDING, priority, n, tokens, pool)
         logger.debug("enqueue job=%s accepted=%d duplicates=%d", job_id, len(rows), len(duplicates))
         return EnqueueResult(accepted=len(rows), duplicates=duplicates)
 
@@ -355,69 +356,68 @@ class QueueStore:
             return []
         with self._tx():
             picks = [self._db.execute(_PICK_SQL, entry).fetchall() for entry in plan]
-            if any(len(rows) < n for (_, _, n), rows in zip(plan, picks, strict=True)):
+            if any(len(rows) < n for (*_, n), rows in zip(plan, picks, strict=True)):
                 raise _Diverged("the counters promised more leasable items")
             if max_tokens is not None:
                 sizes = [[row[5] for row in rows] for rows in picks]
-                keep = fit_token_budget(sizes, [p for _, p, _ in plan], max_tokens)
+                keep = fit_token_budget(sizes, [p for _, _, p, _ in plan], max_tokens)
                 picks = [rows[:k] for rows, k in zip(picks, keep, strict=True)]
-            for (job_id, priority, _), rows in zip(plan, picks, strict=True):
+            for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
                 if rows:
                     taken = self._db.execute(
-                        _TAKE_SQL, (deadline, lease_s, worker, job_id, priority, rows[-1][0])
+                        _TAKE_SQL,
+                        (deadline, lease_s, worker, job_id, lane, priority, rows[-1][0]),
                     ).rowcount
                     if taken != len(rows):
                         raise _Diverged("a lease took other rows than it picked")
         out: Packed[LeasedItem] = Packed()
-        for (job_id, priority, _), rows in zip(plan, picks, strict=True):
+        for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
             tokens_sum = 0
             for item_id, epoch, name, payload, attempts, tokens in rows:
                 lease = Lease(
-                    epoch + 1, deadline, lease_s, job_id, priority, tokens, attempts, worker
+                    epoch + 1, deadline, lease_s, job_id, priority, tokens, attempts, worker, lane
                 )
                 self._m.leases[item_id] = lease
                 out.append(
                     LeasedItem((item_id, epoch + 1), job_id, name, payload, attempts, tokens)
                 )
                 tokens_sum += tokens
-            self._m.shift(self._m.jobs[job_id], PENDING, LEASED, priority, len(rows), tokens_sum)
+            job = self._m.jobs[job_id]
+            self._m.shift(job, PENDING, LEASED, priority, len(rows), tokens_sum, lane)
         self._next_expiry = min(self._next_expiry, deadline)
         logger.debug("leased worker=%s items=%d", worker, len(out))
         return out
 
-    def _plan(self, max_items: int, pool: str | None) -> list[tuple[str, int, int]]:
-        """How many items to take from each (job, priority): classes from the highest, and
-        within a class :func:`fair_shares` over the leasable jobs, rotated call by call."""
+    def _plan(self, max_items: int, pool: str | None) -> list[tuple[str, str, int, int]]:
+        """How many items to take from each (job, pool, priority): classes from the highest,
+        and within a class :func:`fair_shares` over the leasable lanes (a job's items for one
+        pool; a worker leases for its own pool, so these are jobs), rotated call by call."""
         wall = self._wall()
-        plan: list[tuple[str, int, int]] = []
+        plan: list[tuple[str, str, int, int]] = []
         room = max_items
         for priority in sorted(self._m.ready, reverse=True):
-            jobs = [
-                (job_id, n)
-                for job_id, n in self._m.ready[priority].items()
-                if self._leasable(self._m.jobs[job_id], wall, pool)
+            lanes = [
+                (lane, n)
+                for lane, n in self._m.ready[priority].items()
+                if (pool is None or lane[1] == pool) and self._leasable(self._m.jobs[lane[0]], wall)
             ]
-            if not jobs:
+            if not lanes:
                 continue
-            start = self._rr[priority] % len(jobs)
+            start = self._rr[priority] % len(lanes)
             self._rr[priority] += 1
-            jobs = jobs[start:] + jobs[:start]
-            shares = fair_shares([n for _, n in jobs], room)
-            for (job_id, _), share in zip(jobs, shares, strict=True):
+            lanes = lanes[start:] + lanes[:start]
+            shares = fair_shares([n for _, n in lanes], room)
+            for ((job_id, lane_pool), _), share in zip(lanes, shares, strict=True):
                 if share:
-                    plan.append((job_id, priority, share))
+                    plan.append((job_id, lane_pool, priority, share))
                     room -= share
             if room <= 0:
                 break
         return plan
 
     @staticmethod
-    def _leasable(job: Job, wall: float, pool: str | None) -> bool:
-        return (
-            job.state == "active"
-            and job.schedule.runnable(wall)
-            and (pool is None or job.spec.pool == pool)
-        )
+    def _leasable(job: Job, wall: float) -> bool:
+        return job.state == "active" and job.schedule.runnable(wall)
 
     def check_tokens(self, tokens: Iterable[LeaseToken]) -> TokenCheck:
         """Which tokens still hold their lease (right epoch, still leased, not expired)."""
@@ -696,6 +696,8 @@ class QueueStore:
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", 0))
         busy_s = float(usage.get("busy_s", 0.0))
+        # A shard is one worker's, so of one pool: the usage is that pool's.
+        pool = held[0][1].pool if held else None
         wall = self._wall()
         with self._tx():
             self._complete(held, n, wall)
@@ -709,10 +711,19 @@ class QueueStore:
                 " completion_tokens = completion_tokens + ?, busy_s = busy_s + ? WHERE job_id = ?",
                 (prompt, completion, busy_s, job_id),
             )
+            if pool is not None:
+                self._db.execute(
+                    "INSERT INTO pool_usage(job_id, pool, prompt_tokens, completion_tokens,"
+                    " busy_s) VALUES (?, ?, ?, ?, ?) ON CONFLICT(job_id, pool) DO UPDATE SET"
+                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                    " busy_s = busy_s + excluded.busy_s",
+                    (job_id, pool, prompt, completion, busy_s),
+                )
         self._m.settle([(i, h, DONE) for i, h in held], None)
-        job.prompt_tokens += prompt
-        job.completion_tokens += completion
-        job.busy_s += busy_s
+        job.use(prompt, completion, busy_s)
+        if pool is not None:
+            job.pool(pool).use(prompt, completion, busy_s)
 
     def abort_shard(self, job_id: str, n: int) -> None:
         with self._tx():
@@ -750,7 +761,7 @@ class QueueStore:
             params += (json.dumps(list(item_ids)),)
         with self._tx():
             rows = self._db.execute(
-                query + " RETURNING job_id, priority, tokens", params
+                query + " RETURNING job_id, priority, tokens, pool", params
             ).fetchall()
         self._m.tally(rows, DEAD, PENDING)
         logger.info("redrive job=%s items=%d", job_id, len(rows))
@@ -795,6 +806,7 @@ class QueueStore:
             "prompt_tokens": job.prompt_tokens,
             "completion_tokens": job.completion_tokens,
             "busy_s": job.busy_s,
+            "pools": {name: _tally_stats(t) for name, t in job.pools.items() if t.counts.total()},
             "not_before": job.spec.not_before,
             "windows": list(job.spec.windows),
             # 0: it may lease now (a time would be later than a caller's clock read before).
@@ -835,13 +847,33 @@ def _tokens(tokens: Iterable[Sequence[int]]) -> list[LeaseToken]:
 _INSERT_SQL: dict[int, str] = {}
 
 
+def _tally_stats(t: Tally) -> dict[str, Any]:
+    """A job's figures for one of its pools (the keys of the job's own stats that a scaler
+    and a progress line read)."""
+    counts = t.counts
+    pending = counts[PENDING] + counts[WAITING]
+    return {
+        "pending": pending,
+        "waiting": counts[WAITING],
+        "leased": counts[LEASED],
+        "done": counts[DONE],
+        "dead": counts[DEAD],
+        "total": pending + counts[LEASED] + counts[DONE] + counts[DEAD],
+        "pending_tokens": t.pending_tokens,
+        "pending_by_priority": {p: n for p, n in t.pending_by_priority.items() if n},
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "busy_s": t.busy_s,
+    }
+
+
 def _insert_sql(n_rows: int) -> str:
     """A multi-row INSERT for ``n_rows`` items (cached: SQLite caches the prepared statement
     by its text)."""
     if n_rows not in _INSERT_SQL:
-        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n_rows)
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n_rows)
         _INSERT_SQL[n_rows] = (
-            "INSERT INTO items(job_id, item_id, payload, priority, tokens, not_before,"
+            "INSERT INTO items(job_id, item_id, payload, pool, priority, tokens, not_before,"
             f" enqueued_at) VALUES {values} ON CONFLICT DO NOTHING"
         )
     return _INSERT_SQL[n_rows]

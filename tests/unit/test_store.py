@@ -15,7 +15,7 @@ import pytest
 import ray.cloudpickle
 
 from inference.errors import QueueError, StorageError
-from inference.queue.db import JSON_CHECK_CHUNK, json_checker
+from inference.queue.db import JSON_CHECK_CHUNK, SCHEMA_VERSION, json_checker
 from inference.queue.fairness import fair_shares, fit_token_budget
 from inference.queue.records import LeasedItem, Packed, Refusal
 from inference.queue.store import JobSpec, NewItem, QueueStore
@@ -801,8 +801,100 @@ def test_a_second_version_database_loses_its_lease_index_and_keeps_its_leases(
     old.close()
     again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
     indexes = {r[0] for r in again._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "items_leased" not in indexes and "items_pending" in indexes
-    assert again._db.execute("PRAGMA user_version").fetchone() == (3,)
+    assert "items_leased" not in indexes and "items_pending_pool" in indexes
+    assert again._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert again.stats("job")["leased"] == 1
     assert again.complete([held.token]) == []  # the lease outlived the reopening
     assert [x.item_id for x in again.lease("w", 5)] == ["b"]
+
+
+def test_a_third_version_database_gets_each_item_its_jobs_pool(
+    tmp_path: Path, clock: Clock, wall: Clock
+) -> None:
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store.create_job(JobSpec("job", pool="small"))
+    store.enqueue("job", items("a", "b"))
+    [held] = store.lease("w", 1, pool="small")
+    store.close()
+    old = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None)
+    # Version 3: one pool per job, no items.pool, the pending index without it.
+    old.execute("DROP INDEX items_pending_pool")
+    old.execute("ALTER TABLE items DROP COLUMN pool")
+    old.execute("CREATE INDEX items_pending ON items(job_id, priority, id) WHERE state = 0")
+    old.execute("PRAGMA user_version = 3")
+    old.close()
+    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    indexes = {r[0] for r in again._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "items_pending" not in indexes and "items_pending_pool" in indexes
+    assert again.stats("job")["pools"]["small"]["leased"] == 1
+    assert again.lease("w", 5, pool="other") == []
+    assert [x.item_id for x in again.lease("w", 5, pool="small")] == ["b"]
+    assert again.complete([held.token]) == []
+
+
+def _pool_counts(s: QueueStore, job_id: str) -> dict[str, tuple[int, ...]]:
+    return {
+        name: (p["pending"], p["waiting"], p["leased"], p["done"], p["dead"], p["pending_tokens"])
+        for name, p in s.stats(job_id)["pools"].items()
+    }
+
+
+def test_a_job_of_several_pools_hands_each_pool_only_its_own_items(
+    tmp_path: Path, clock: Clock, wall: Clock
+) -> None:
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall, rng=random.Random(0))
+    store.create_job(JobSpec("mix", pool="small", max_attempts=2, backoff_base_s=1.0))
+    store.enqueue(
+        "mix",
+        [NewItem(f"s{i}", json.dumps({"i": i}), 10) for i in range(4)]  # the job's pool
+        + [NewItem(f"b{i}", json.dumps({"i": i}), 20, pool="big") for i in range(3)],
+    )
+    assert _pool_counts(store, "mix") == {"small": (4, 0, 0, 0, 0, 40), "big": (3, 0, 0, 0, 0, 60)}
+    big = store.lease("wb", 10, pool="big")
+    assert sorted(x.item_id for x in big) == ["b0", "b1", "b2"]
+    small = store.lease("ws", 10, pool="small")
+    assert sorted(x.item_id for x in small) == ["s0", "s1", "s2", "s3"]
+    assert store.lease("wb", 10, pool="big") == []
+    # Every way out of a lease keeps each pool's figures: done, failed (backoff, dead),
+    # released, expired, then redriven.
+    store.complete([big[0].token])
+    store.fail([big[1].token], "transient", "boom", "try again")
+    store.fail([small[0].token], "permanent", "bad", "no")
+    store.release([small[1].token], cause="drained")
+    clock.t += 120  # the rest of the leases expire
+    store.expire_leases()
+    assert _pool_counts(store, "mix") == {"small": (3, 0, 0, 0, 1, 30), "big": (2, 1, 0, 1, 0, 40)}
+    assert store.redrive("mix") == 1
+    wall.t += 60  # the backoff ends
+    store.stats("mix")
+    counts = _pool_counts(store, "mix")
+    assert counts == {"small": (4, 0, 0, 0, 0, 40), "big": (2, 0, 0, 1, 0, 40)}
+    assert store.stats("mix")["pending"] == 6
+    store.close()
+    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    assert _pool_counts(again, "mix") == counts  # the database says the same as the mirror
+
+
+def test_usage_is_counted_for_the_pool_whose_worker_wrote_the_shard(
+    tmp_path: Path, clock: Clock, wall: Clock
+) -> None:
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store.create_job(JobSpec("mix", pool="small"))
+    store.enqueue("mix", [NewItem("s", "{}", 1), NewItem("b", "{}", 1, pool="big")])
+    [held] = store.lease("wb", 5, pool="big")
+    n, _ = store.declare_shard("mix", [held.token], "wb", str(tmp_path / "{n}"), "t{n}")
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "busy_s": 2.5}
+    store.commit_shard("mix", n, rows=1, nbytes=10, usage=usage)
+    stats = store.stats("mix")
+    assert (stats["prompt_tokens"], stats["busy_s"]) == (7, 2.5)
+    assert stats["pools"]["big"]["prompt_tokens"] == 7
+    assert stats["pools"]["big"]["done"] == 1
+    assert stats["pools"]["small"]["prompt_tokens"] == 0
+    store.close()
+    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    assert again.stats("mix")["pools"]["big"]["busy_s"] == 2.5
+
+
+def test_an_item_of_an_empty_pool_name_is_refused(store: QueueStore) -> None:
+    with pytest.raises(QueueError, match="pool must be a non-empty string"):
+        store.enqueue("job", [NewItem("a", "{}", 1, pool="")])
