@@ -98,6 +98,42 @@ def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]
                 **_live_columns(stats, progress.get(jid), price),
             }
         )
+        rows.extend(_model_rows(jid, stats, spec.settings.get("models"), rows[-1]))
+    return rows
+
+
+def _model_rows(
+    job_id: str, stats: dict[str, Any], prices: dict[str, Any] | None, job_row: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A job of several models: a row per model under the job's (which gets their cost)."""
+    if not prices:
+        return []
+    from inference.progress import model_shares
+
+    shares = model_shares(stats.get("pools", {}), {p: (n, c) for p, (n, c) in prices.items()})
+    job_row["cost"] = f"{sum(m['cost'] for m in shares.values()):.4f}"
+    rows = []
+    for pool_name, (name, _) in prices.items():
+        m = shares.get(name)
+        if m is None:  # no items of this model
+            continue
+        pool = stats["pools"][pool_name]
+        row = dict.fromkeys(job_row, "")
+        row.update(
+            {
+                "job": f"  {job_id} · {name}",
+                "state": "",
+                "done %": f"{100.0 * m['fraction']:.1f}",
+                "done": m["done"],
+                "dead": m["dead"],
+                "pending": m["pending"],
+                "leased": m["leased"],
+                "tokens": pool["prompt_tokens"] + pool["completion_tokens"],
+                "busy s": f"{m['busy_s']:.1f}",
+                "cost": f"{m['cost']:.4f}",
+            }
+        )
+        rows.append(row)
     return rows
 
 

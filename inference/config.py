@@ -7,6 +7,7 @@ and a bad file fails with the field path and the reason before any work starts.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,36 @@ logger = logging.getLogger(__name__)
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+class LoraConfig(_Section):
+    """LoRA adapters served per request by the vLLM engine: an item whose ``body.model`` names
+    an adapter runs with it."""
+
+    adapters: dict[str, str] = Field(
+        description="Adapter name (what body.model says) -> local folder of a PEFT LoRA adapter "
+        "(adapter_config.json and weights); a relative folder not found from the working "
+        "directory is looked up under models/. Checked when the engine starts.",
+        min_length=1,
+    )
+    max_loras: int = Field(
+        4, ge=1, le=256, description="Most distinct adapters in one engine step (vLLM max_loras)."
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Highest adapter rank r served (vLLM max_lora_rank; one of its sizes)."
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> LoraConfig:
+        for name, folder in self.adapters.items():
+            if not _ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r}: use 1-128 letters, digits and . _ : / -")
+            if not folder.strip():
+                raise ValueError(f"adapter {name!r}: the folder is empty")
+        return self
 
 
 class EngineConfig(_Section):
@@ -46,6 +77,17 @@ class EngineConfig(_Section):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length; defaults to the model's own."
     )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="vLLM: split the model over this many GPUs (tensor parallel ranks). A "
+        "worker holds tensor_parallel_size x pipeline_parallel_size GPUs in one Ray placement "
+        "group (scaling.gpus_per_worker must say so), or as many cores on CPUs.",
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM: pipeline parallel stages (each of tensor ranks)."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments passed to the engine: vllm.LLM(...) for vLLM "
@@ -58,6 +100,96 @@ class EngineConfig(_Section):
         description="vLLM: longest compile of one response_format JSON schema; an item whose "
         "schema takes longer is dead-lettered (code schema_timeout), the engine never waits.",
     )
+    served_name: str | None = Field(
+        None,
+        description="One more name body.model may give this model (an entry of engines: "
+        "is served under its name).",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="vLLM: LoRA adapters served per request (body.model names the adapter); "
+        "none by default.",
+    )
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        """The names body.model may give the base model: engine.model, its folder's name, and
+        the name of its ``engines:`` entry."""
+        names = [
+            self.model,
+            Path(self.model).name,
+            *([self.served_name] if self.served_name else []),
+        ]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name this engine serves: the base model's, then its adapters'."""
+        adapters = tuple(self.lora.adapters) if self.lora is not None else ()
+        return self.base_names + adapters
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> EngineConfig:
+        if self.lora is None:
+            return self
+        if self.kind != "vllm":
+            raise ValueError(f"lora: LoRA adapters are served by engine.kind vllm, not {self.kind}")
+        clash = sorted(set(self.lora.adapters) & set(self.base_names))
+        if clash:
+            raise ValueError(
+                f"lora.adapters: {', '.join(map(repr, clash))} is the base model's name; "
+                "name the adapter otherwise"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine: tensor x pipeline parallel (GPUs of a multi-GPU worker)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> EngineConfig:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if key in self.options:
+                raise ValueError(
+                    f"options.{key}: set engine.{key} instead (workers, their placement "
+                    "groups and the scaler are sized from it)"
+                )
+        if self.world_size > 1 and self.kind != "vllm":
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                f"{self.pipeline_parallel_size}: a model split over several devices runs on "
+                f"engine.kind vllm, not {self.kind}"
+            )
+        return self
+
+
+def check_parallel(
+    engine: EngineConfig,
+    scaling: ScalingConfig,
+    engine_path: str = "engine",
+    scaling_path: str = "scaling",
+) -> None:
+    """A worker of a multi-GPU engine holds one GPU per rank: ``scaling.gpus_per_worker`` is
+    ``tensor_parallel_size x pipeline_parallel_size``, or 0 to run the ranks on CPUs (vLLM's
+    CPU build, cores of their own for each rank). The paths name the sections in the error (an
+    entry of ``engines:``). Raises ValueError."""
+    world = engine.world_size
+    if world == 1:
+        return
+    ranks = f"{engine_path}.tensor_parallel_size x pipeline_parallel_size is {world}"
+    gpus, cpus = scaling.gpus_per_worker, scaling.cpus_per_worker
+    if gpus > 0 and gpus != world:
+        raise ValueError(
+            f"{scaling_path}.gpus_per_worker is {gpus:g} but {ranks}: a multi-GPU worker holds "
+            f"one GPU per rank, so set gpus_per_worker: {world} (or 0 to run the ranks on CPUs)"
+        )
+    if gpus == 0 and cpus < world:
+        raise ValueError(
+            f"{scaling_path}.cpus_per_worker is {cpus:g} but {ranks} and the ranks run on CPUs "
+            f"(gpus_per_worker 0): vLLM's CPU build binds each rank to cores of its own, so "
+            f"give the worker at least {world} (or set gpus_per_worker: {world} on GPUs)"
+        )
 
 
 class BatchingConfig(_Section):
@@ -115,6 +247,12 @@ class ScalingConfig(_Section):
     target_drain_s: float = Field(3600.0, gt=0, description="Aim to drain the backlog this fast.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 runs on CPUs.")
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK",
+        description="Ray placement group strategy of a multi-GPU worker's GPU bundles (engine."
+        "tensor_parallel_size x pipeline_parallel_size > 1); STRICT_PACK keeps its ranks on "
+        "one node.",
+    )
     cost_per_gpu_hour: float = Field(
         0.0, ge=0, description="Price of one worker-hour (GPU or CPU slot), for cost reports."
     )
@@ -223,6 +361,11 @@ class InputConfig(_Section):
         "chat", description="Task of plain (non-OpenAI) input rows."
     )
     max_tokens: int = Field(64, ge=1, description="max_tokens of plain input rows.")
+    model_column: str | None = Field(
+        None,
+        description="Column naming each plain row's model (one of engines:); default: the "
+        "first model.",
+    )
 
 
 class ApiConfig(_Section):
@@ -271,12 +414,36 @@ class ApiConfig(_Section):
         return self
 
 
+class ModelEngineConfig(EngineConfig):
+    """One entry of ``engines:``: an engine, and where its pool differs from the job's
+    ``scaling`` and ``batching``, the fields that differ."""
+
+    scaling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of scaling that this model's pool sets otherwise (cpus_per_worker, "
+        "gpus_per_worker, max_workers, cost_per_gpu_hour, ...).",
+    )
+    batching: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of batching that this model's pool sets otherwise.",
+    )
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig.model_validate(self.model_dump(exclude={"scaling", "batching"}))
+
+
 class Config(BaseModel):
     """The root config of a job (and of `inference serve`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: EngineConfig = Field(EngineConfig(), description="The engine.")
+    engines: dict[str, ModelEngineConfig] = Field(
+        default_factory=dict,
+        description="Several models in one job: the name items give as body.model -> its "
+        "engine. Each model is a pool of its own, scaled from its own backlog; items without "
+        "a model go to the first. Instead of engine:.",
+    )
     batching: BatchingConfig = Field(BatchingConfig(), description="Batching.")
     queue: QueueConfig = Field(QueueConfig(), description="Queue semantics.")
     output: OutputConfig = Field(OutputConfig(), description="Where results go.")
@@ -285,12 +452,132 @@ class Config(BaseModel):
     input: InputConfig = Field(InputConfig(), description="Input mapping.")
     api: ApiConfig = Field(ApiConfig(), description="HTTP API settings.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_model_is_the_engine(cls, data: Any) -> Any:
+        """With ``engines:``, ``engine`` is the first entry's engine (what items without a
+        model get, and what code reading one engine sees)."""
+        if isinstance(data, dict) and isinstance(data.get("engines"), dict) and data["engines"]:
+            first = next(iter(data["engines"].values()))
+            if isinstance(first, dict) and "engine" not in data:
+                rest = {k: v for k, v in first.items() if k not in ("scaling", "batching")}
+                data = {**data, "engine": rest}
+        return data
+
+    @model_validator(mode="after")
+    def _check_engines(self) -> Config:
+        if not self.engines:
+            return self
+        if self.engine != next(iter(self.engines.values())).engine():
+            raise ValueError("give engine: (one model) or engines: (several), not both")
+        pools: dict[str, str] = {}
+        served: set[str] = set()
+        for name, entry in self.engines.items():
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"engines: model name {name!r} must be 1-64 letters, digits or ._:- "
+                    "(items name it in body.model)"
+                )
+            if entry.model in pools:
+                raise ValueError(
+                    f"engines: {pools[entry.model]!r} and {name!r} both serve {entry.model}; "
+                    "each entry is the one pool of its model"
+                )
+            pools[entry.model] = name
+            for adapter in _adapters(entry):
+                if adapter in self.engines or adapter in served:
+                    raise ValueError(
+                        f"engines.{name}.lora.adapters: {adapter!r} is also the name of "
+                        "another model here; body.model must say one thing"
+                    )
+                served.add(adapter)
+            for section, fields in (("scaling", entry.scaling), ("batching", entry.batching)):
+                try:
+                    getattr(self, section).model_validate(
+                        {**getattr(self, section).model_dump(), **fields}
+                    )
+                except ValidationError as exc:
+                    problems = "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+                    )
+                    raise ValueError(f"engines.{name}.{section}: {problems}") from None
+        return self
+
+    @property
+    def multi_model(self) -> bool:
+        return bool(self.engines)
+
+    def models(self) -> dict[str, Config]:
+        """A one-model config per served name (its engine, scaling and batching merged in),
+        in the order of ``engines:``; for a one-model config, itself under its model's name."""
+        if not self.engines:
+            return {self.engine.model: self}
+        data = self.model_dump(exclude={"engines"})
+        out = {}
+        for name, entry in self.engines.items():
+            merged = {
+                **data,
+                "engine": {**entry.engine().model_dump(), "served_name": name},
+                "scaling": {**data["scaling"], **entry.scaling},
+                "batching": {**data["batching"], **entry.batching},
+            }
+            out[name] = Config.model_validate(merged)
+        return out
+
+    def pool_of(self, model: str) -> str | None:
+        """The engine pool that serves an item whose body.model is ``model``: with one engine,
+        that engine's for any name (as before ``engines:``); with several, the entry of that
+        name (or whose LoRA adapter it is), the first entry for none, None for an unknown
+        name."""
+        if not self.engines:
+            return self.engine.model
+        if not model:
+            return next(iter(self.engines.values())).model
+        entry = self.engines.get(model)
+        if entry is not None:
+            return entry.model
+        for entry in self.engines.values():
+            if model in _adapters(entry):
+                return entry.model
+        return None
+
+    def served_names(self) -> list[str]:
+        """What body.model may say (with ``engines:``): the entries' names and adapters."""
+        names = list(self.engines)
+        for entry in self.engines.values():
+            names.extend(_adapters(entry))
+        return names
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> Config:
+        """Each model's workers: one GPU per rank of a multi-GPU engine (check_parallel)."""
+        if not self.engines:
+            check_parallel(self.engine, self.scaling)
+        for name, entry in self.engines.items():
+            try:
+                scaling = ScalingConfig.model_validate(
+                    {**self.scaling.model_dump(), **entry.scaling}
+                )
+            except ValidationError:
+                continue  # _check_engines names the bad field
+            check_parallel(entry, scaling, f"engines.{name}", f"engines.{name}.scaling")
+        return self
+
     def with_updates(self, **sections: dict[str, Any]) -> Config:
         """A copy with some fields of some sections replaced (validated again)."""
         data = self.model_dump()
         for name, values in sections.items():
             data[name] = {**data[name], **values}
         return parse_config(data, source="<override>")
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def _adapters(entry: EngineConfig) -> list[str]:
+    """The LoRA adapter names an engine serves (none without ``engine.lora``)."""
+    lora = getattr(entry, "lora", None)
+    return list(getattr(lora, "adapters", {}) or {})
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -329,6 +616,10 @@ def load_config(path: str | Path) -> Config:
 
 
 def _warn_wasteful(config: Config) -> None:
+    if config.engines:  # each model's pool as it runs
+        for one in config.models().values():
+            _warn_wasteful(one)
+        return
     scaling = config.scaling
     if (
         config.engine.kind == "vllm"

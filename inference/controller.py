@@ -49,7 +49,7 @@ from inference.heap import freeze_startup_heap
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker
 from inference.queue.actor import NAMESPACE, get_queue, head_node_id
-from inference.runner import finalize, job_spec
+from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
 
@@ -468,8 +468,7 @@ class Controller:
             st = stats.get(rec["id"])
             if st is not None:
                 tracker = self._trackers.get(rec["id"]) or self._trackers.setdefault(
-                    rec["id"],
-                    Tracker(cost_per_hour=rec["config"]["scaling"]["cost_per_gpu_hour"]),
+                    rec["id"], _tracker(rec["config"])
                 )
                 progress = tracker.update(now, st, finalizing=rec["status"] == "finalizing")
                 self._progress[rec["id"]] = progress.as_dict()
@@ -551,7 +550,7 @@ class Controller:
             }
             self._set(rec, "failed", "failed")
             return
-        check = check_batch_file(path, rec["endpoint"], config.api)
+        check = check_batch_file(path, rec["endpoint"], config)
         if check.errors:
             rec["errors"] = {"object": "list", "data": check.errors}
             self._set(rec, "failed", "failed")
@@ -559,7 +558,7 @@ class Controller:
             return
         spec = job_spec(config, rec["id"], rec["output_root"])
         ray.get(self._queue.create_job.remote(spec))
-        for chunk in batch_items(path, rec["endpoint"], config.api):
+        for chunk in batch_items(path, rec["endpoint"], config):
             ray.get(self._queue.enqueue.remote(rec["id"], chunk))
         rec["model"] = check.model
         with self._lock:
@@ -608,9 +607,10 @@ class Controller:
             recs = [r for r in self._jobs.values() if r["id"] in stats]
         busy = [r for r in recs if stats[r["id"]]["pending"] + stats[r["id"]]["leased"]]
         for rec in busy:
-            pool = stats[rec["id"]]["pool"]
-            if pool not in configs:
-                configs[pool] = Config.model_validate(rec["config"])
+            for pool in stats[rec["id"]].get("pools", {}):
+                if pool not in configs:
+                    models = Config.model_validate(rec["config"]).models().values()
+                    configs.update({c.engine.model: c for c in models if c.engine.model == pool})
         self._fleet.size(stats, configs, job_deadlines(busy), now, time.time())
 
     def _release_lost_workers(self) -> None:
@@ -638,6 +638,13 @@ class Controller:
             released = ray.get(self._queue.release_worker.remote(worker_id, "worker_lost"))
             logger.info("released leases of lost worker=%s items=%d", worker_id, released)
         self._registry.remove_workers(worker_ids)
+
+
+def _tracker(config_data: dict[str, Any]) -> Tracker:
+    """A job's progress tracker: at its price per hour, or each model's for several."""
+    config = Config.model_validate(config_data)
+    models = model_prices(config) if config.engines else None
+    return Tracker(cost_per_hour=config.scaling.cost_per_gpu_hour, models=models)
 
 
 def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final: str) -> dict:

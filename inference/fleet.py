@@ -22,7 +22,7 @@ from inference.autoscale import Autoscaler, ResourceDemand, deadline_ts
 from inference.cluster import cluster_slots
 from inference.config import Config, ScalingConfig
 from inference.pool import WorkerPool
-from inference.scaler import can_lease
+from inference.scaler import can_lease, jobs_of_pool
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ class Fleet:
         """``stats``: the queue's stats by job; ``configs``: a config per pool name (from its
         jobs); ``deadlines``: Unix deadlines by job; ``now`` monotonic, ``wall`` Unix seconds."""
         backlog: dict[str, int] = {}
-        for st in stats.values():
-            n = runnable_backlog(st, wall)
+        for name in {p for st in stats.values() for p in st.get("pools", [st.get("pool")])}:
+            n = sum(runnable_backlog(st, wall) for st in jobs_of_pool(stats, name))
             if n:
-                backlog[st["pool"]] = backlog.get(st["pool"], 0) + n
+                backlog[name] = n
         names = set(self.fixed) | set(self.scalers) | set(backlog)
         for name in sorted(names):
             config = configs.get(name)

@@ -29,6 +29,7 @@ class InputRecord:
     item_id: str
     payload: str
     tokens: int
+    model: str = ""  # body.model: which of the job's engines serves it
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +56,16 @@ def _openai_record(line_no: int, data: Any) -> InputRecord | InputProblem:
         if exc.code == "invalid_request":
             return InputProblem(line_no, f"{custom_id}: {exc.message}")
         # Valid but unsupported here: accepted, and dead-lettered with the reason by the worker.
-        return InputRecord(line_no, custom_id, encode_payload(str(url), dict(body or {})), 1)
+        model = body.get("model") if isinstance(body, dict) else None
+        return InputRecord(
+            line_no,
+            custom_id,
+            encode_payload(str(url), dict(body or {})),
+            1,
+            model if isinstance(model, str) else "",
+        )
     payload = encode_payload(str(url), dict(body or {}))
-    return InputRecord(line_no, custom_id, payload, estimate_tokens(request))
+    return InputRecord(line_no, custom_id, payload, estimate_tokens(request), request.model)
 
 
 def read_openai_jsonl(path: Path) -> Iterator[InputRecord | InputProblem]:
@@ -135,6 +143,12 @@ def read_plain(path: Path, config: InputConfig, model: str) -> Iterator[InputRec
             yield InputProblem(line_no, f"id {item_id!r} is invalid or duplicate")
             continue
         seen.add(item_id)
+        if config.model_column:
+            named = row.get(config.model_column)
+            if not isinstance(named, str) or not named:
+                yield InputProblem(line_no, f"column {config.model_column!r} missing or not text")
+                continue
+            model = named
         prompt = config.prompt_template.replace("{text}", text)
         body: dict[str, Any]
         if config.task == "chat":
@@ -148,7 +162,9 @@ def read_plain(path: Path, config: InputConfig, model: str) -> Iterator[InputRec
         else:
             body = {"model": model, "input": prompt}
         request = parse_request(url, body)
-        yield InputRecord(line_no, item_id, encode_payload(url, body), estimate_tokens(request))
+        yield InputRecord(
+            line_no, item_id, encode_payload(url, body), estimate_tokens(request), model
+        )
 
 
 def read_input(

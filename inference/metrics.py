@@ -90,6 +90,10 @@ def families(
             per_job["tokens"].append(({**job, "kind": kind}, tokens))
         per_job["busy"].append((job, float(st.get("busy_s", 0.0))))
         cost, to_finish = job_cost(st, rates.get(job_id, 0.0))
+        models = (progress.get(job_id) or {}).get("models")
+        if models:  # several models: each at its own price
+            cost = sum(m["cost"] for m in models.values())
+            to_finish = sum(m["cost_to_finish"] or 0.0 for m in models.values())
         per_job["cost"].append((job, cost))
         if to_finish is not None:
             per_job["to_finish"].append((job, to_finish))

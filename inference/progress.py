@@ -37,6 +37,7 @@ class Progress:
     cost_to_finish: float | None
     state: str
     next_run_at: float | None = None  # Unix time a job outside its run windows next leases
+    models: dict[str, dict[str, Any]] | None = None  # a job of several models: each one's share
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -76,9 +77,16 @@ def eta_s(
 class Tracker:
     """Keeps recent samples of one job and turns queue stats into :class:`Progress`."""
 
-    def __init__(self, window_s: float = 30.0, cost_per_hour: float = 0.0) -> None:
+    def __init__(
+        self,
+        window_s: float = 30.0,
+        cost_per_hour: float = 0.0,
+        models: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
+        """``models``: for a job of several models, pool -> (served name, cost per hour)."""
         self.window_s = window_s
         self.cost_per_hour = cost_per_hour
+        self.models = models
         self.samples: deque[Sample] = deque(maxlen=4096)
 
     def update(self, t: float, stats: dict[str, Any], finalizing: bool = False) -> Progress:
@@ -99,6 +107,11 @@ class Tracker:
         cost_to_finish = None
         if stats["done"]:
             cost_to_finish = busy_s / stats["done"] * remaining / 3600.0 * self.cost_per_hour
+        models = None
+        if self.models is not None:
+            models = model_shares(stats.get("pools", {}), self.models)
+            cost = sum(m["cost"] for m in models.values())
+            cost_to_finish = sum(m["cost_to_finish"] or 0.0 for m in models.values())
         total = stats["total"]
         settled = stats["done"] + stats["dead"]
         if remaining == 0 and not finalizing:
@@ -129,7 +142,37 @@ class Tracker:
             cost_to_finish=cost_to_finish,
             state=state,
             next_run_at=next_run if waiting else None,
+            models=models,
         )
+
+
+def model_shares(
+    pools: dict[str, dict[str, Any]], models: dict[str, tuple[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Each model's share of a job, from the job's stats by pool: counts, the fraction settled,
+    engine seconds, cost so far and to finish (at that model's price per hour)."""
+    out: dict[str, dict[str, Any]] = {}
+    for pool, (name, per_hour) in models.items():
+        st = pools.get(pool)
+        if not st:
+            continue
+        busy_s = float(st["busy_s"])
+        remaining = st["pending"] + st["leased"]
+        settled = st["done"] + st["dead"]
+        out[name] = {
+            "total": st["total"],
+            "done": st["done"],
+            "dead": st["dead"],
+            "pending": st["pending"],
+            "leased": st["leased"],
+            "fraction": settled / st["total"] if st["total"] else 1.0,
+            "busy_s": busy_s,
+            "cost": busy_s / 3600.0 * per_hour,
+            "cost_to_finish": busy_s / st["done"] * remaining / 3600.0 * per_hour
+            if st["done"]
+            else None,
+        }
+    return out
 
 
 HISTORY_POINTS = 720

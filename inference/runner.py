@@ -19,7 +19,7 @@ from inference.config import Config
 from inference.errors import InferenceError, InputError, OutputError
 from inference.inputs import InputProblem, InputRecord, read_input
 from inference.pool import WorkerPool
-from inference.progress import Progress, Tracker
+from inference.progress import Progress, Tracker, model_shares
 from inference.queue.actor import get_or_create_queue
 from inference.queue.records import Packed
 from inference.queue.store import JobSpec, NewItem
@@ -64,27 +64,64 @@ def queue_db_path(config: Config, output_root: str) -> str:
     return f"{base}/_queue/queue.sqlite"
 
 
-def validate_input(path: Path, config: Config) -> tuple[int, list[InputProblem]]:
-    """First pass over the input: count good records, collect every problem."""
-    good = 0
+def validate_input(path: Path, config: Config) -> tuple[dict[str, int], list[InputProblem]]:
+    """First pass over the input: count good records by the pool that serves them, collect
+    every problem (with ``engines:``, an item naming a model no engine serves is one)."""
+    good: dict[str, int] = {}
     problems: list[InputProblem] = []
-    for record in read_input(path, config.input, config.engine.model):
+    for record in _routed(read_input(path, config.input, _default_model(config)), config):
         if isinstance(record, InputProblem):
             problems.append(record)
         else:
-            good += 1
+            good[record[1]] = good.get(record[1], 0) + 1
     return good, problems
 
 
-def _chunks(records: Iterator[InputRecord | InputProblem]) -> Iterator[list[NewItem]]:
+def _default_model(config: Config) -> str:
+    """body.model of plain rows without a model column: the (first) engine's name."""
+    return next(iter(config.engines)) if config.engines else config.engine.model
+
+
+def _routed(
+    records: Iterator[InputRecord | InputProblem], config: Config
+) -> Iterator[tuple[InputRecord, str] | InputProblem]:
+    """Each good record with the pool that serves its model."""
+    for record in records:
+        if isinstance(record, InputProblem):
+            yield record
+            continue
+        pool = config.pool_of(record.model)
+        if pool is None:
+            served = ", ".join(config.served_names())
+            yield InputProblem(
+                record.line,
+                f"{record.item_id}: model {record.model!r} is not served by this job "
+                f"(engines: {served})",
+            )
+            continue
+        yield record, pool
+
+
+def _chunks(
+    records: Iterator[InputRecord | InputProblem], config: Config
+) -> Iterator[list[NewItem]]:
     """The good records as items, in :class:`Packed` chunks (one blob each to the queue)."""
     chunk: list[NewItem] = Packed()
-    for record in records:
-        if isinstance(record, InputRecord):
-            chunk.append(NewItem(record.item_id, record.payload, record.tokens))
-            if len(chunk) >= ENQUEUE_CHUNK:
-                yield chunk
-                chunk = Packed()
+    for entry in _routed(records, config):
+        if isinstance(entry, InputProblem):
+            continue
+        record, pool = entry
+        chunk.append(
+            NewItem(
+                record.item_id,
+                record.payload,
+                record.tokens,
+                pool=pool if config.engines else None,
+            )
+        )
+        if len(chunk) >= ENQUEUE_CHUNK:
+            yield chunk
+            chunk = Packed()
     if chunk:
         yield chunk
 
@@ -110,8 +147,16 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
             "pack_items": config.batching.pack_items,
             "model": config.engine.model,
             "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
+            **({"models": model_prices(config)} if config.engines else {}),
         },
     )
+
+
+def model_prices(config: Config) -> dict[str, tuple[str, float]]:
+    """Of a config with ``engines:``: each pool's served name and price per hour."""
+    return {
+        c.engine.model: (name, c.scaling.cost_per_gpu_hour) for name, c in config.models().items()
+    }
 
 
 def run_job(
@@ -129,7 +174,7 @@ def run_job(
     job_id = job_id or default_job_id(input_path)
     output = JobOutput(output_root, job_id, config.output.format)
 
-    good, problems = validate_input(input_path, config)
+    good_by_pool, problems = validate_input(input_path, config)
     if problems and config.input.on_invalid == "reject":
         shown = "\n".join(f"  line {p.line}: {p.reason}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -144,17 +189,26 @@ def run_job(
     queue = get_or_create_queue(queue_db_path(config, output_root), config.queue.max_item_bytes)
     resumed = not ray.get(queue.create_job.remote(job_spec(config, job_id, output_root)))
     before = ray.get(queue.stats.remote(job_id))
-    scaling = config.scaling
-    workers = scaling.max_workers or cluster_slots(scaling.cpus_per_worker, scaling.gpus_per_worker)
-    workers = max(workers, scaling.min_workers, 1)
-    tracker = Tracker(cost_per_hour=scaling.cost_per_gpu_hour)
-    sizing = _PoolSizing(config, queue, job_id, workers)
-    expected_new = good - before["total"]
-    if expected_new > 0 or before["pending"] + before["leased"] > 0:
-        sizing.start()  # workers load their model while the items are enqueued
+    models = config.models()
+    tracker = Tracker(
+        cost_per_hour=config.scaling.cost_per_gpu_hour,
+        models=model_prices(config) if config.engines else None,
+    )
+    sizing = _Sizings(
+        [_PoolSizing(c, queue, job_id, _fixed_workers(c, len(models))) for c in models.values()]
+    )
+    # Workers load their model while the items are enqueued: of each pool this run has new
+    # items for, or that has some left from an earlier run.
+    before_pools = before.get("pools", {})
+    for one in sizing.pools:
+        earlier = before_pools.get(one.name, {"total": 0, "pending": 0, "leased": 0})
+        if good_by_pool.get(one.name, 0) > earlier["total"] or (
+            earlier["pending"] + earlier["leased"] > 0
+        ):
+            one.start()
     try:
         accepted = 0
-        for chunk in _chunks(read_input(input_path, config.input, config.engine.model)):
+        for chunk in _chunks(read_input(input_path, config.input, _default_model(config)), config):
             accepted += ray.get(queue.enqueue.remote(job_id, chunk)).accepted
         logger.info("job=%s enqueued=%d resumed=%s", job_id, accepted, resumed)
         while True:
@@ -207,11 +261,44 @@ def run_job(
     return summary
 
 
+def _fixed_workers(config: Config, models: int) -> int:
+    """Workers of a fixed pool: ``max_workers``, else the cluster's slots for its workers (a
+    share of them when several models run: each pool keeps its workers till the job ends)."""
+    s = config.scaling
+    workers = s.max_workers or cluster_slots(s.cpus_per_worker, s.gpus_per_worker) // models
+    return max(workers, s.min_workers, 1)
+
+
+class _Sizings:
+    """The pools of one job (one per model), stepped and closed together."""
+
+    def __init__(self, pools: list[_PoolSizing]) -> None:
+        self.pools = pools
+
+    def step(self) -> None:
+        for one in self.pools:
+            one.step()
+
+    def close(self) -> None:
+        for one in self.pools:
+            one.close()
+
+    @property
+    def peak(self) -> int:
+        return sum(one.peak for one in self.pools)
+
+    @property
+    def lost(self) -> int:
+        return sum(one.lost for one in self.pools)
+
+
 class _PoolSizing:
-    """The job's workers: a fixed pool (``scaling.mode: fixed``) started up front and kept at
-    size, or the backlog-driven :class:`~inference.autoscale.Autoscaler`."""
+    """One pool of the job's workers: a fixed pool (``scaling.mode: fixed``) started up front
+    and kept at size, or the backlog-driven :class:`~inference.autoscale.Autoscaler`."""
 
     def __init__(self, config: Config, queue: Any, job_id: str, workers: int) -> None:
+        self.name = config.engine.model
+        self.started = False
         self.job_id = job_id
         self.workers = workers
         self.scaling = config.scaling
@@ -230,12 +317,15 @@ class _PoolSizing:
         self.peak = 0
 
     def start(self) -> None:
+        self.started = True
         if self.pool is not None:
             self.pool.start(self.workers)
             self.peak = self.workers
 
     def step(self) -> None:
         if self.pool is not None:
+            if not self.started:
+                return
             self.pool.check(replace=True)
             if self.pool.lost > max(10, 3 * self.workers):
                 raise InferenceError(
@@ -271,7 +361,7 @@ def _dead_codes(queue: Any, job_id: str) -> dict[str, int]:
 
 def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
     busy_s = float(stats["busy_s"])
-    return {
+    fields = {
         "state": "completed",
         "finished_at": datetime.now(UTC).isoformat(),
         "busy_s": busy_s,
@@ -279,6 +369,12 @@ def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
         "model": config.engine.model,
         "lease_expiries": stats["lease_expiries"],
     }
+    if config.engines:
+        models = model_shares(stats.get("pools", {}), model_prices(config))
+        fields["models"] = models
+        fields["model"] = list(models)
+        fields["cost"] = sum(m["cost"] for m in models.values())
+    return fields
 
 
 def finalize(queue: Any, output: JobOutput, job_id: str, stats: dict[str, Any]) -> None:

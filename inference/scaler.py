@@ -217,6 +217,20 @@ def decide(inp: ScalerInput, policy: Policy) -> Decision:
     return done(workers, needed, "steady", at_risk)
 
 
+def jobs_of_pool(stats: dict[str, dict[str, Any]], pool: str) -> list[dict[str, Any]]:
+    """Each job's stats (``WorkQueue.stats()["jobs"]``) as that pool sees them: the job's
+    figures for its items of the pool (a job of several models has items in several pools).
+    Jobs without items in the pool are left out."""
+    out = []
+    for st in stats.values():
+        mine = st.get("pools", {}).get(pool)
+        if mine is not None:
+            out.append({**st, **mine, "pool": pool})
+        elif "pools" not in st and st.get("pool") == pool:
+            out.append(st)
+    return out
+
+
 def can_lease(job: dict[str, Any], wall: float) -> bool:
     """Whether a job's pending items may be leased at ``wall`` (from ``WorkQueue.stats``): the
     job is active and due (``next_run_at``, 0 meaning now; without it, ``not_before``)."""

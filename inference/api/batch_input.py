@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference.config import ApiConfig
+from inference.config import Config
 from inference.queue import NewItem, Packed
 from inference.schema import CUSTOM_ID
 
-from .items import ItemRejected, check_item
+from .items import ItemRejected, check_item, route
 
 MAX_REPORTED_ERRORS = 100
 _FIELDS = {"custom_id", "method", "url", "body"}
@@ -39,7 +39,7 @@ class BatchCheck:
 
 
 def _item(
-    line: int, raw: bytes, endpoint: str, api: ApiConfig
+    line: int, raw: bytes, endpoint: str, config: Config
 ) -> tuple[NewItem, str] | ItemRejected:
     try:
         data = json.loads(raw)
@@ -82,10 +82,11 @@ def _item(
             "Missing required parameter: 'body'.", "body", "missing_required_parameter"
         )
     try:
-        checked = check_item(data["url"], data["body"], api)
+        checked = check_item(data["url"], data["body"], config.api)
+        pool = route(config, checked.model)
     except ItemRejected as exc:
         return exc
-    return NewItem(custom_id, checked.payload, checked.tokens), checked.model
+    return NewItem(custom_id, checked.payload, checked.tokens, pool=pool), checked.model
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -95,8 +96,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield number, raw
 
 
-def check_batch_file(path: Path, endpoint: str, api: ApiConfig) -> BatchCheck:
+def check_batch_file(path: Path, endpoint: str, config: Config) -> BatchCheck:
     """Read the whole file once and collect every problem (the first 100 are kept)."""
+    api = config.api
     check = BatchCheck()
     seen: set[str] = set()
     for number, raw in _lines(path):
@@ -108,7 +110,7 @@ def check_batch_file(path: Path, endpoint: str, api: ApiConfig) -> BatchCheck:
                 number,
             )
             break
-        checked = _item(number, raw, endpoint, api)
+        checked = _item(number, raw, endpoint, config)
         if isinstance(checked, ItemRejected):
             check.add(checked.code, checked.message, number, checked.param)
             continue
@@ -137,12 +139,12 @@ def check_batch_file(path: Path, endpoint: str, api: ApiConfig) -> BatchCheck:
 
 
 def batch_items(
-    path: Path, endpoint: str, api: ApiConfig, chunk: int = 1000
+    path: Path, endpoint: str, config: Config, chunk: int = 1000
 ) -> Iterator[list[NewItem]]:
     """The items of a checked file, in :class:`Packed` chunks for ``WorkQueue.enqueue``."""
     items: list[NewItem] = Packed()
     for number, raw in _lines(path):
-        checked = _item(number, raw, endpoint, api)
+        checked = _item(number, raw, endpoint, config)
         if isinstance(checked, ItemRejected):  # the file changed after its check: refuse loudly
             raise ValueError(f"line {number}: {checked.message}")
         items.append(checked[0])

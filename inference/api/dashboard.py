@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from inference.metrics import job_cost
+from inference.progress import model_shares
 from inference.queue.actor import NAMESPACE
 
 from .http_errors import ApiError
@@ -60,6 +61,7 @@ class Observation:
     records: dict[str, dict[str, Any]]
     workers: list[dict[str, Any]]
     cost_per_gpu_hour: dict[str, float]
+    models: dict[str, dict[str, tuple[str, float]]]  # job -> pool -> (model, price per hour)
 
     def progress(self) -> dict[str, dict[str, Any]]:
         """The Controller's progress of each job whose progress is current."""
@@ -84,16 +86,23 @@ async def observe(request: Request) -> Observation:
     snapshot = await state.refresh()
     records = {r["id"]: r for r in [*natives, *batches]}
     workers = await _workers(request, list(snapshot.get("pools", {})))
-    rates = {job_id: await _cost_rate(state, job_id) for job_id in stats["jobs"]}
-    return Observation(time.time(), stats["jobs"], snapshot, records, workers, rates)
+    rates, models = {}, {}
+    for job_id in stats["jobs"]:
+        rates[job_id], models[job_id] = await _prices(state, job_id)
+    return Observation(time.time(), stats["jobs"], snapshot, records, workers, rates, models)
 
 
-async def _cost_rate(state: ServerState, job_id: str) -> float:
+async def _prices(state: ServerState, job_id: str) -> tuple[float, dict[str, tuple[str, float]]]:
+    """A job's cost per GPU-hour, and with several models each pool's name and price."""
     try:
         spec = await state.job_spec(job_id)
     except Exception:  # the job is gone from the queue meanwhile: no cost known
-        return 0.0
-    return float(spec.settings.get("cost_per_gpu_hour", 0.0) or 0.0)
+        return 0.0, {}
+    models = {
+        pool: (name, float(price))
+        for pool, (name, price) in spec.settings.get("models", {}).items()
+    }
+    return float(spec.settings.get("cost_per_gpu_hour", 0.0) or 0.0), models
 
 
 async def _workers(request: Request, pools: list[str]) -> list[dict[str, Any]]:
@@ -133,7 +142,12 @@ def _worker_handles(pools: list[str], cache: dict[str, Any]) -> dict[str, Any]:
 
 
 def _job_row(
-    job_id: str, st: dict[str, Any], rec: dict[str, Any] | None, rate: float, now: float
+    job_id: str,
+    st: dict[str, Any],
+    rec: dict[str, Any] | None,
+    rate: float,
+    prices: dict[str, tuple[str, float]],
+    now: float,
 ) -> dict[str, Any]:
     progress = (rec or {}).get("progress") if rec and _live(rec) else None
     total = int(st["total"])
@@ -148,6 +162,10 @@ def _job_row(
         fraction = min(fraction, 0.999)
     eta_s = (progress.get("eta_s") if remaining else 0.0) if progress else None
     cost, to_finish = job_cost(st, rate)
+    models = _model_shares(st, prices, rate)
+    if models:
+        cost = sum(m["cost"] for m in models.values())
+        to_finish = sum(m["cost_to_finish"] or 0.0 for m in models.values())
     next_run = float(st.get("next_run_at") or 0.0)  # 0: it may lease now
     return {
         "id": job_id,
@@ -175,9 +193,21 @@ def _job_row(
         "cost": cost,
         "cost_to_finish": to_finish,
         "cost_per_gpu_hour": rate,
+        "models": models,
         "starts_at": next_run if next_run > now else None,
         "windows": st.get("windows") or [],
     }
+
+
+def _model_shares(
+    st: dict[str, Any], prices: dict[str, tuple[str, float]], rate: float
+) -> dict[str, dict[str, Any]] | None:
+    """Each model's share of a job of several (None for one), by the names and prices of its
+    ``engines:`` (a pool of none: its own name, at the job's price)."""
+    pools = st.get("pools") or {}
+    if len(pools) < 2 and not prices:
+        return None
+    return model_shares(pools, {pool: prices.get(pool, (pool, rate)) for pool in pools})
 
 
 async def _dead_letters(state: ServerState, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -247,7 +277,14 @@ async def dashboard_state(request: Request) -> dict[str, Any]:
     obs = await observe(request)
     jobs = sorted(
         (
-            _job_row(job_id, st, obs.records.get(job_id), obs.cost_per_gpu_hour[job_id], obs.at)
+            _job_row(
+                job_id,
+                st,
+                obs.records.get(job_id),
+                obs.cost_per_gpu_hour[job_id],
+                obs.models[job_id],
+                obs.at,
+            )
             for job_id, st in obs.stats.items()
         ),
         key=_order,

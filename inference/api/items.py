@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from inference.config import ApiConfig
+from inference.config import ApiConfig, Config
 from inference.errors import PermanentError
 from inference.schema import encode_payload, estimate_tokens, parse_request
 
@@ -37,6 +37,21 @@ class CheckedItem:
     payload: str  # canonical JSON of url and body (the queue's payload)
     tokens: int  # estimated tokens, for the lease budget
     model: str
+
+
+def route(config: Config, model: str) -> str | None:
+    """The pool for an item's body.model: None (the job's) with one engine; with ``engines:``
+    the pool of that model, and a rejection naming the served models for an unknown one."""
+    if not config.engines:
+        return None
+    pool = config.pool_of(model)
+    if pool is None:
+        raise ItemRejected(
+            f"The model {model!r} is not served here; served: {', '.join(config.served_names())}.",
+            "body.model",
+            "model_not_found",
+        )
+    return pool
 
 
 def check_item(url: Any, body: Any, api: ApiConfig) -> CheckedItem:

@@ -17,14 +17,14 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from inference.config import ApiConfig
+from inference.config import Config
 from inference.errors import ConfigError
 from inference.export import error_line, find_result, output_line
 from inference.queue import NewItem
 from inference.shards import JobOutput
 
 from .http_errors import ApiError, validation_error
-from .items import ItemRejected, check_item
+from .items import ItemRejected, check_item, route
 from .models import ID_PATTERN, URGENT_PRIORITY, EnqueueRequest, EnqueueResponse, JobCreate
 from .state import ServerState, call
 from .views import job_object, page
@@ -131,9 +131,9 @@ async def enqueue_items(request: Request, job_id: JobId) -> Response:
     job = await state.native_job(job_id)
     await state.check_backlog(len(payload.items))
     if len(raw) > INLINE_BYTES:
-        items = await run_in_threadpool(_checked_items, payload, api)
+        items = await run_in_threadpool(_checked_items, payload, state.config)
     else:
-        items = _checked_items(payload, api)
+        items = _checked_items(payload, state.config)
     statuses = await state.coalescer.enqueue(job_id, items)
     accepted = statuses.count("accepted")
     state.accepted_since_snapshot += accepted
@@ -156,19 +156,21 @@ def _parse(raw: bytes) -> EnqueueRequest:
         raise validation_error([dict(e) for e in exc.errors(include_url=False)]) from None
 
 
-def _checked_items(payload: EnqueueRequest, api: ApiConfig) -> list[NewItem]:
-    """Every item through the project's parser and the caps; the first bad one refuses all."""
+def _checked_items(payload: EnqueueRequest, config: Config) -> list[NewItem]:
+    """Every item through the project's parser and the caps, and to the pool of its model;
+    the first bad one refuses all."""
     items: list[NewItem] = []
     for i, item in enumerate(payload.items):
         try:
-            checked = check_item(item.url, item.body, api)
+            checked = check_item(item.url, item.body, config.api)
+            pool = route(config, checked.model)
         except ItemRejected as exc:
             param = f"items[{i}].{exc.param}" if exc.param else f"items[{i}]"
             raise ApiError(
                 400, f"{param} ({item.custom_id}): {exc.message}", param, exc.code
             ) from None
         priority = URGENT_PRIORITY if item.urgent else item.priority
-        items.append(NewItem(item.custom_id, checked.payload, checked.tokens, priority))
+        items.append(NewItem(item.custom_id, checked.payload, checked.tokens, priority, pool))
     return items
 
 

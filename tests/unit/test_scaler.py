@@ -348,3 +348,27 @@ def test_worker_bundle_and_deadline_follow_the_config() -> None:
     naive = parse_config({"scaling": {"deadline": "2030-01-01T00:00:00"}}).scaling
     aware = parse_config({"scaling": {"deadline": "2030-01-01T01:00:00+01:00"}}).scaling
     assert deadline_ts(naive) == deadline_ts(aware) == 1893456000.0
+
+
+def test_a_pool_sees_only_its_share_of_a_job_of_several_models() -> None:
+    from inference.scaler import jobs_of_pool
+
+    job = {
+        "job_id": "mix",
+        "pool": "small",
+        "state": "active",
+        "pending": 7,
+        "leased": 3,
+        "pools": {
+            "small": {"pending": 5, "leased": 1, "pending_tokens": 50, "busy_s": 2.0},
+            "big": {"pending": 2, "leased": 2, "pending_tokens": 900, "busy_s": 9.0},
+        },
+    }
+    other = {"job_id": "solo", "pool": "big", "pending": 4, "leased": 0, "pools": {}}
+    stats = {"mix": job, "solo": other}
+    [small] = jobs_of_pool(stats, "small")
+    assert (small["pending"], small["leased"], small["pending_tokens"]) == (5, 1, 50)
+    assert small["job_id"] == "mix" and small["state"] == "active"
+    [big] = jobs_of_pool(stats, "big")  # "solo" has no items (empty pools)
+    assert (big["pool"], big["pending"], big["busy_s"]) == ("big", 2, 9.0)
+    assert jobs_of_pool(stats, "none") == []

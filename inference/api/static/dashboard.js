@@ -95,7 +95,8 @@
       "data-fraction": j.fraction, "data-status": j.status,
     },
       el("td", { title: j.kind + " · pool " + (j.pool || "")
-        + (j.windows && j.windows.length ? " · runs " + j.windows.join(", ") : "") }, j.id),
+        + (j.windows && j.windows.length ? " · runs " + j.windows.join(", ") : "") },
+        j.id, modelShares(j.models)),
       el("td", {}, el("span", { class: "status " + j.status }, j.status)),
       el("td", {}, progressBar(j)),
       el("td", { class: "count" }, num(j.done) + " / " + num(j.total)),
@@ -109,7 +110,15 @@
       actions);
   }
 
-  function card(k, v) {
+  // A job of several models: one line per model with its progress and cost.
+  function modelShares(models) {
+    if (!models) return "";
+    return el("div", { class: "models" }, ...Object.entries(models).map(([name, m]) =>
+      el("div", { class: "model", "data-model": name, "data-done": m.done, "data-total": m.total },
+        name + " " + num(m.done) + " / " + num(m.total) + " · " + money(m.cost))));
+  }
+
+    function card(k, v) {
     return el("div", { class: "card" }, el("div", { class: "v" }, v), el("div", { class: "k" }, k));
   }
 
