@@ -36,7 +36,7 @@ from typing import Any
 import ray
 
 from inference.config import Config, ScalingConfig
-from inference.pool import WorkerPool
+from inference.pool import WorkerPool, free_placement, placement_bundles
 from inference.scaler import (
     Decision,
     Policy,
@@ -44,6 +44,7 @@ from inference.scaler import (
     ThroughputMeter,
     backlog_entries,
     decide,
+    jobs_of_pool,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,17 @@ def worker_bundle(scaling: ScalingConfig) -> Bundle:
     if scaling.cpus_per_worker > 0:
         bundle["CPU"] = scaling.cpus_per_worker
     return bundle or {"CPU": 1.0}
+
+
+def worker_demand(config: Config) -> list[Bundle]:
+    """What one worker asks of Ray's autoscaler. A multi-GPU worker (one GPU per rank) is
+    ``scaling.gpus_per_worker`` = tensor x pipeline parallel GPUs: with ``STRICT_PACK`` one
+    bundle of them all (its ranks need one node that has them), otherwise its placement group's
+    bundles, which may land on several nodes."""
+    bundles = placement_bundles(config)
+    if bundles is None or config.scaling.placement_strategy == "STRICT_PACK":
+        return [worker_bundle(config.scaling)]
+    return bundles
 
 
 def deadline_ts(scaling: ScalingConfig) -> float | None:
@@ -93,9 +105,11 @@ class ResourceDemand:
         self._sent: list[Bundle] | None = None
         self._lock = threading.Lock()
 
-    def set(self, key: str, bundle: Bundle, count: int) -> None:
+    def set(self, key: str, bundle: Bundle | list[Bundle], count: int) -> None:
+        """``count`` workers of ``key``, each ``bundle`` (or each those bundles)."""
+        per_worker = [bundle] if isinstance(bundle, dict) else bundle
         with self._lock:
-            self._by_key[key] = [dict(bundle) for _ in range(max(0, count))]
+            self._by_key[key] = [dict(b) for _ in range(max(0, count)) for b in per_worker]
             self._flush()
 
     def clear(self, key: str) -> None:
@@ -229,6 +243,7 @@ class ElasticPool(WorkerPool):
         leases it still has, with no attempt charged (a drain, not a failure)."""
         member = self.members.pop(worker_id)
         ray.kill(member.handle, no_restart=True)
+        free_placement(member)
         released = ray.get(self.queue.release_worker.remote(worker_id, "drained"))
         self._forget(worker_id)
         logger.info("worker gone worker=%s (%s) released=%d", worker_id, why, released)
@@ -314,7 +329,7 @@ class Autoscaler:
             stats = ray.get(self.queue.stats.remote(), timeout=60)["jobs"]
         if deadlines:
             self.deadlines.update(deadlines)
-        jobs = [s for s in stats.values() if s.get("pool") == self.name]
+        jobs = jobs_of_pool(stats, self.name)
         rate = self.meter.update(
             now,
             sum(j["prompt_tokens"] + j["completion_tokens"] for j in jobs),
@@ -368,7 +383,7 @@ class Autoscaler:
         workers = len(self.pool.active())
         draining = len(self.pool.draining)
         demand = max(decision.desired, workers) + draining
-        self.demand.set(self.name, worker_bundle(self.scaling), demand)
+        self.demand.set(self.name, worker_demand(self.config), demand)
         self.last = StepReport(
             decision=decision,
             workers=workers,

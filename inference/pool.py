@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from inference.config import Config
 from inference.queue.actor import NAMESPACE
@@ -21,6 +23,35 @@ class _Member:
     worker_id: str
     handle: Any
     run_ref: Any
+    placement_group: Any = None  # a multi-GPU worker's, removed when the worker ends
+
+
+def placement_bundles(config: Config) -> list[dict[str, float]] | None:
+    """The placement group of one worker of a multi-GPU engine (``engine.tensor_parallel_size
+    x pipeline_parallel_size`` ranks on GPUs): a GPU bundle per rank, the first also holding
+    the worker actor's CPUs. vLLM's Ray executor starts a rank actor in each bundle with a GPU
+    (``num_cpus=0``); the worker itself sits in the first with no GPU of its own, as Ray Serve
+    LLM places its replicas. None for a worker of one GPU (or less), or whose ranks run on
+    CPUs (``scaling.gpus_per_worker`` 0)."""
+    world = config.engine.world_size
+    scaling = config.scaling
+    if world <= 1 or scaling.gpus_per_worker <= 0:
+        return None
+    bundles = [{"GPU": 1.0} for _ in range(world)]
+    if scaling.cpus_per_worker > 0:
+        bundles[0]["CPU"] = scaling.cpus_per_worker
+    return bundles
+
+
+def free_placement(member: _Member) -> None:
+    """Remove an ended worker's placement group (what is left in it ends with it)."""
+    group, member.placement_group = member.placement_group, None
+    if group is None:
+        return
+    try:
+        remove_placement_group(group)
+    except Exception as exc:  # the cluster is going away; Ray drops it with its owner
+        logger.warning("could not remove placement group of %s: %s", member.worker_id, exc)
 
 
 class WorkerPool:
@@ -42,15 +73,31 @@ class WorkerPool:
         worker_id = f"{self.pool}-{uuid.uuid4().hex[:8]}"
         scaling = self.config.scaling
         actor_cls = ray.remote(InferenceWorker)
+        placement: dict[str, Any] = {"num_gpus": scaling.gpus_per_worker}
+        group = None
+        bundles = placement_bundles(self.config)
+        if bundles is not None:
+            # One group per worker, named after it; vLLM finds it from inside the worker and
+            # puts its rank actors in the GPU bundles (capture_child_tasks: so does anything
+            # else the worker starts).
+            group = placement_group(bundles, strategy=scaling.placement_strategy, name=worker_id)
+            placement = {
+                "num_gpus": 0,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    group,
+                    placement_group_bundle_index=0,
+                    placement_group_capture_child_tasks=True,
+                ),
+            }
         handle: Any = actor_cls.options(
             name=worker_id,
             namespace=NAMESPACE,
             num_cpus=scaling.cpus_per_worker,
-            num_gpus=scaling.gpus_per_worker,
             max_concurrency=4,
             max_restarts=0,
+            **placement,
         ).remote(worker_id, self.config, self.pool)
-        self.members[worker_id] = _Member(worker_id, handle, handle.run.remote())
+        self.members[worker_id] = _Member(worker_id, handle, handle.run.remote(), group)
         logger.info("worker started worker=%s", worker_id)
 
     def check(self, replace: bool = True) -> list[str]:
@@ -67,6 +114,7 @@ class WorkerPool:
             del self.members[member.worker_id]
             try:
                 ray.get(ref)
+                free_placement(member)
                 continue  # drained on purpose
             except ray.exceptions.RayError as exc:
                 self.lost += 1
@@ -77,6 +125,7 @@ class WorkerPool:
                     "worker lost worker=%s released=%d: %s", member.worker_id, released, message
                 )
                 ray.kill(member.handle)  # an engine-fatal worker is alive: free its slot now
+                free_placement(member)
             if replace:
                 self._start_one()
         return ended
@@ -95,6 +144,7 @@ class WorkerPool:
                 logger.warning("worker %s ended with %s", m.worker_id, type(exc).__name__)
                 ray.get(self.queue.release_worker.remote(m.worker_id))
             ray.kill(m.handle)
+            free_placement(m)
         self.members.clear()
 
     def infos(self) -> list[dict[str, Any]]:

@@ -282,7 +282,7 @@ class InferenceWorker:
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "model": self.engine.model_name,
+                "model": item.extra.get("model", self.engine.model_name),  # or its adapter
                 "attempts": leased.attempts + 1,
                 "worker": self.worker_id,
                 "latency_ms": (time.monotonic() - item.extra["leased_at"]) * 1000.0,

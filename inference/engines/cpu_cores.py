@@ -18,10 +18,49 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 _MODEL_WORKER = "VLLM::Worker"
+_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def rank_cores(world_size: int, cores: list[int]) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world_size`` CPU ranks on ``cores``: equal groups of
+    cores, one per rank (``"0|1"``, ``"0,1|2,3"``), keeping one core for the frontend and the
+    engine core when there are more cores than ranks. None when there are fewer cores than
+    ranks."""
+    cores = sorted(cores)
+    if world_size < 1 or len(cores) < world_size:
+        return None
+    usable = cores[:-1] if len(cores) > world_size else cores
+    per = len(usable) // world_size
+    groups = [usable[i * per : (i + 1) * per] for i in range(world_size)]
+    return "|".join(",".join(map(str, group)) for group in groups)
+
+
+@contextmanager
+def cpu_rank_binding(world_size: int) -> Iterator[None]:
+    """While a vLLM CPU engine of several ranks (tensor x pipeline parallel) starts, give each
+    rank cores of its own. vLLM's own ``auto`` binding puts one rank on each NUMA node and
+    refuses a host with fewer nodes than ranks ("Not enough allowed NUMA nodes"), the usual
+    case; this splits the cores this process may run on (:func:`rank_cores`). The ranks read it
+    when they start; it is restored afterwards. Does nothing for one rank or when
+    ``VLLM_CPU_OMP_THREADS_BIND`` is set already."""
+    binding = None
+    if world_size > 1 and _BIND not in os.environ and hasattr(os, "sched_getaffinity"):
+        binding = rank_cores(world_size, list(os.sched_getaffinity(0)))
+    if binding is None:
+        yield
+        return
+    logger.info("vLLM CPU ranks bound to cores %s (%s)", binding, _BIND)
+    os.environ[_BIND] = binding
+    try:
+        yield
+    finally:
+        os.environ.pop(_BIND, None)
 
 
 def _pin_threads(pid: int, cores: set[int]) -> None:

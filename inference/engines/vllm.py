@@ -37,8 +37,15 @@ from typing import Any
 
 from inference.config import EngineConfig
 from inference.engines.base import Prepared
-from inference.engines.cpu_cores import keep_off_engine_cores
-from inference.errors import EngineFatalError, ItemError, PermanentError, TransientError
+from inference.engines.cpu_cores import cpu_rank_binding, keep_off_engine_cores
+from inference.engines.lora import Adapters
+from inference.errors import (
+    ConfigError,
+    EngineFatalError,
+    ItemError,
+    PermanentError,
+    TransientError,
+)
 from inference.models import resolve_model
 from inference.schema import Choice, Request, Result
 
@@ -80,11 +87,20 @@ class VllmEngine:
             options["dtype"] = config.dtype
         if config.max_model_len:
             options["max_model_len"] = config.max_model_len
+        if config.world_size > 1:
+            options.update(_parallel_options(config))
+        from vllm.platforms import current_platform
+
+        # Checks the adapter folders before vLLM starts (engines/lora.py).
+        self.adapters = Adapters(config, cpu=current_platform.is_cpu())
+        options.update(self.adapters.vllm_options())
         options.update(config.options)
         others = set(_core_pids())  # another engine's, in a process that holds two (tests)
         try:
-            self.llm: Any = vllm.LLM(model=str(self.path), **options)
+            with cpu_rank_binding(config.world_size if _on_cpu() else 1):
+                self.llm: Any = vllm.LLM(model=str(self.path), **options)
         except Exception as exc:  # vLLM raises many types at start-up
+            self.adapters.close()
             raise EngineFatalError(f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
         self.engine = self.llm.llm_engine
         self.tokenizer: Any = self.llm.get_tokenizer()
@@ -101,6 +117,7 @@ class VllmEngine:
         self._dead: str | None = None
         self._closed = threading.Event()
         self._core_pids = [pid for pid in _core_pids() if pid not in others]
+        self._load_adapters()
         keep_off_engine_cores(self._core_pids)
         threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True).start()
         logger.info(
@@ -111,6 +128,16 @@ class VllmEngine:
             self._core_pids,
         )
 
+    def _load_adapters(self) -> None:
+        try:
+            self.adapters.load(self.engine)
+        except Exception as exc:
+            _kill_tree(self._core_pids)
+            self.adapters.close()
+            if isinstance(exc, ConfigError):
+                raise
+            raise EngineFatalError(f"vLLM LoRA set-up failed: {type(exc).__name__}: {exc}") from exc
+
     # ------------------------------------------------------------------ prepare
     def prepare(self, request: Request) -> Prepared:
         if request.task not in self.tasks:
@@ -118,6 +145,7 @@ class VllmEngine:
                 f"model {self.model_name} does not serve {request.task} requests",
                 code="unsupported",
             )
+        adapter = self.adapters.select(request)
         if request.logprobs and request.top_logprobs > self.max_logprobs:
             raise PermanentError(
                 f"body.top_logprobs {request.top_logprobs} is over this engine's limit of "
@@ -139,7 +167,12 @@ class VllmEngine:
             )
         if request.response_format is not None:
             self._check_schema(request.response_format)
-        return Prepared(request=request, prompt_ids=list(ids))
+        prepared = Prepared(request=request, prompt_ids=list(ids))
+        if adapter is not None:
+            prepared.extra["lora"] = adapter
+            if adapter is not self.adapters.base:
+                prepared.extra["model"] = adapter.lora_name  # the output's model column
+        return prepared
 
     def _check_schema(self, response_format: dict[str, Any]) -> None:
         """Compile a JSON schema once per distinct schema, within ``schema_timeout_s``."""
@@ -211,7 +244,10 @@ class VllmEngine:
             request_id = str(next(self._ids))
             try:
                 self.engine.add_request(
-                    request_id, {"prompt_token_ids": item.prompt_ids}, self._sampling(item.request)
+                    request_id,
+                    {"prompt_token_ids": item.prompt_ids},
+                    self._sampling(item.request),
+                    lora_request=item.extra.get("lora"),
                 )
             except Exception as exc:
                 error = _translate(exc)
@@ -388,6 +424,7 @@ class VllmEngine:
         self._closed.set()
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
         _kill_tree(self._core_pids)
+        self.adapters.close()
         shutdown = getattr(self.engine.engine_core, "shutdown", None)
         if shutdown is not None:
             try:
@@ -395,6 +432,32 @@ class VllmEngine:
             except Exception as exc:
                 logger.warning("vLLM shutdown: %s", exc)
         del self.llm
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _parallel_options(config: EngineConfig) -> dict[str, Any]:
+    """vLLM's arguments for an engine of several ranks. On GPUs the pool put this worker into
+    a placement group with one GPU bundle per rank, and vLLM's Ray executor (which finds the
+    group it runs in) starts a rank actor in each bundle; elsewhere the ranks are processes of
+    its engine core (``mp``): vLLM's CPU build has no Ray executor ("current platform cpu does
+    not support ray"). ``engine.options.distributed_executor_backend`` overrides it."""
+    backend = "mp"
+    if not _on_cpu():
+        import ray
+        from ray.util import get_current_placement_group
+
+        if ray.is_initialized() and get_current_placement_group() is not None:
+            backend = "ray"
+    return {
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
+        "distributed_executor_backend": backend,
+    }
 
 
 def _core_pids() -> list[int]:
