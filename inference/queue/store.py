@@ -781,31 +781,19 @@ class QueueStore:
 
     def _job_stats(self, job_id: str, wall: float) -> dict[str, Any]:
         job = self._m.job(job_id)
-        counts = job.counts
-        pending = counts[PENDING] + counts[WAITING]
-        priorities = [p for p, n in job.pending_by_priority.items() if n]
+        figures = _tally_stats(job)
         return {
             "job_id": job_id,
             "state": job.state,
             "pool": job.spec.pool,
             "priority": job.spec.priority,
             "created_at": job.created_at,
-            "pending": pending,
-            "waiting": counts[WAITING],
-            "leased": counts[LEASED],
-            "done": counts[DONE],
-            "dead": counts[DEAD],
-            "total": pending + counts[LEASED] + counts[DONE] + counts[DEAD],
-            "pending_tokens": job.pending_tokens,
-            "pending_by_priority": {p: job.pending_by_priority[p] for p in priorities},
+            **figures,
             "oldest_pending_s": reports.oldest_pending_s(
-                self._db, job_id, priorities, counts[WAITING] > 0, wall
+                self._db, job_id, list(figures["pending_by_priority"]), figures["waiting"] > 0, wall
             ),
             "lease_expiries": job.attempts_by_cause["lease_expired"],
             "attempts_by_cause": {c: job.attempts_by_cause[c] for c in CAUSES},
-            "prompt_tokens": job.prompt_tokens,
-            "completion_tokens": job.completion_tokens,
-            "busy_s": job.busy_s,
             "pools": {name: _tally_stats(t) for name, t in job.pools.items() if t.counts.total()},
             "not_before": job.spec.not_before,
             "windows": list(job.spec.windows),
@@ -848,8 +836,8 @@ _INSERT_SQL: dict[int, str] = {}
 
 
 def _tally_stats(t: Tally) -> dict[str, Any]:
-    """A job's figures for one of its pools (the keys of the job's own stats that a scaler
-    and a progress line read)."""
+    """Counts, backlog and usage of a job, or of its items for one pool (what a scaler and a
+    progress line read)."""
     counts = t.counts
     pending = counts[PENDING] + counts[WAITING]
     return {
