@@ -360,7 +360,7 @@ def scenario(kind: str, address: str, work: Path) -> dict[str, Any]:
         request_resources(bundles=bundles)
 
     scaler = Autoscaler(config, queue, demand=ResourceDemand(request))
-    for chunk in _chunks(read_input(path, config.input, config.engine.model)):
+    for chunk in _chunks(read_input(path, config.input, config.engine.model), config):
         ray.get(queue.enqueue.remote(job_id, chunk))
     enqueued_s = time.monotonic() - t0
 
@@ -488,7 +488,7 @@ def controller_scenario(address: str, work: Path) -> dict[str, Any]:
     ray.get(
         controller.create_job.remote(job_id, config.model_dump(mode="json"), config.output.path)
     )
-    for chunk in _chunks(read_input(path, config.input, config.engine.model)):
+    for chunk in _chunks(read_input(path, config.input, config.engine.model), config):
         ray.get(queue.enqueue.remote(job_id, chunk))
     controller.wake.remote()
     figures: dict[str, Any] = {
