@@ -14,6 +14,7 @@ from typing import Any
 from inference.config import Config
 from inference.errors import QueueError
 from inference.export import error_jsonl, output_jsonl
+from inference.progress import TokenPrices, job_cost, model_shares
 from inference.schedule import describe_next_run
 from inference.shards import JobOutput
 
@@ -79,6 +80,7 @@ def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]
         stats = access.call("stats", jid)
         spec = access.call("job_spec", jid)
         price = float(spec.settings.get("cost_per_gpu_hour", 0.0))
+        tokens = {p: tuple(v) for p, v in spec.settings.get("token_prices", {}).items()}
         settled = stats["done"] + stats["dead"]
         total = stats["total"] or 1
         rows.append(
@@ -94,23 +96,27 @@ def status_rows(access: QueueAccess, job_id: str | None) -> list[dict[str, Any]]
                 "leased": stats["leased"],
                 "tokens": stats["prompt_tokens"] + stats["completion_tokens"],
                 "busy s": f"{stats['busy_s']:.1f}",
-                "cost": f"{stats['busy_s'] / 3600.0 * price:.4f}",
-                **_live_columns(stats, progress.get(jid), price),
+                "cost": f"{job_cost(stats, price, tokens)[0]:.4f}",
+                **_live_columns(stats, progress.get(jid), price, tokens),
             }
         )
-        rows.extend(_model_rows(jid, stats, spec.settings.get("models"), rows[-1]))
+        rows.extend(_model_rows(jid, stats, spec.settings.get("models"), rows[-1], tokens))
     return rows
 
 
 def _model_rows(
-    job_id: str, stats: dict[str, Any], prices: dict[str, Any] | None, job_row: dict[str, Any]
+    job_id: str,
+    stats: dict[str, Any],
+    prices: dict[str, Any] | None,
+    job_row: dict[str, Any],
+    token_prices: TokenPrices | None = None,
 ) -> list[dict[str, Any]]:
     """A job of several models: a row per model under the job's (which gets their cost)."""
     if not prices:
         return []
-    from inference.progress import model_shares
-
-    shares = model_shares(stats.get("pools", {}), {p: (n, c) for p, (n, c) in prices.items()})
+    shares = model_shares(
+        stats.get("pools", {}), {p: (n, c) for p, (n, c) in prices.items()}, token_prices
+    )
     job_row["cost"] = f"{sum(m['cost'] for m in shares.values()):.4f}"
     rows = []
     for pool_name, (name, _) in prices.items():
@@ -138,12 +144,13 @@ def _model_rows(
 
 
 def _live_columns(
-    stats: dict[str, Any], progress: dict[str, Any] | None, price: float
+    stats: dict[str, Any],
+    progress: dict[str, Any] | None,
+    price: float,
+    token_prices: TokenPrices | None = None,
 ) -> dict[str, str]:
     """Throughput, ETA and cost to finish: rates from the Controller when a cluster runs."""
-    from inference.metrics import job_cost
-
-    _, to_finish = job_cost(stats, price)
+    _, to_finish = job_cost(stats, price, token_prices)
     remaining = stats["pending"] + stats["leased"]
     eta = progress.get("eta_s") if progress and remaining else (0.0 if not remaining else None)
     return {

@@ -56,14 +56,82 @@ class LoraConfig(_Section):
         return self
 
 
+class RemoteBatchConfig(_Section):
+    """How ``engine.kind: openai_batch`` cuts a job into provider batches."""
+
+    max_lines: int = Field(
+        50_000, ge=1, le=50_000, description="Most request lines in one provider batch."
+    )
+    max_bytes: int = Field(
+        200_000_000,
+        ge=1024,
+        le=200_000_000,
+        description="Largest input file of one provider batch, in bytes.",
+    )
+    window_s: float = Field(
+        5.0,
+        ge=0,
+        description="Wait this long for more items before a partial batch is submitted.",
+    )
+    poll_s: float = Field(30.0, gt=0, description="How often open provider batches are polled.")
+    completion_window: str = Field("24h", description="The provider's completion_window.")
+    max_open: int = Field(
+        4, ge=1, le=64, description="Provider batches one worker keeps open at a time."
+    )
+
+
 class EngineConfig(_Section):
-    kind: Literal["transformers", "vllm"] = Field(
+    kind: Literal["transformers", "vllm", "openai", "openai_batch"] = Field(
         "transformers",
-        description="Engine implementation: vllm (GPUs, or its CPU build), transformers anywhere.",
+        description="Engine implementation: vllm (GPUs, or its CPU build), transformers "
+        "anywhere, openai (any OpenAI-compatible endpoint, request by request), openai_batch "
+        "(a provider's Batch API).",
     )
     model: str = Field(
         "tiny-llama",
-        description="A bundled model name (tiny-llama, all-minilm-l6-v2) or a local model folder.",
+        description="A bundled model name (tiny-llama, all-minilm-l6-v2) or a local model "
+        "folder; for a remote engine, the provider's model name.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="Remote engines: the API root, e.g. https://api.openai.com/v1 (an "
+        "OpenAI-compatible server: vLLM, LiteLLM, a provider).",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Remote engines: the name of the environment variable that holds the API "
+        "key on the workers (the key itself is never in a config or a record).",
+    )
+    concurrency: int = Field(
+        32, ge=1, le=4096, description="Remote engines: requests one worker keeps in flight."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Remote engines: longest wait for one response."
+    )
+    max_retries: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="Remote engines: retries of a transient failure (429, 408, 5xx, timeout, "
+        "connection reset) in place, with backoff, before the item goes back to the queue "
+        "(an attempt charged).",
+    )
+    retry_base_s: float = Field(0.5, ge=0, description="Remote engines: first retry backoff.")
+    retry_max_s: float = Field(30.0, ge=0, description="Remote engines: longest retry backoff.")
+    input_price_per_mtok: float = Field(
+        0.0, ge=0, description="Remote engines: price of a million prompt tokens."
+    )
+    output_price_per_mtok: float = Field(
+        0.0, ge=0, description="Remote engines: price of a million completion tokens."
+    )
+    batch_discount: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="openai_batch: the provider's discount on batch traffic (0.5 is half price).",
+    )
+    batch: RemoteBatchConfig = Field(
+        RemoteBatchConfig(), description="openai_batch: how the job is cut into batches."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the transformers engine runs; auto picks cuda when present."
@@ -143,6 +211,32 @@ class EngineConfig(_Section):
         return self
 
     @property
+    def remote(self) -> bool:
+        """The model runs elsewhere (an API), not on this worker's devices."""
+        return self.kind in ("openai", "openai_batch")
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> EngineConfig:
+        if self.remote:
+            if not self.base_url:
+                raise ValueError(f"base_url: engine.kind {self.kind} needs the API's base_url")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
+        elif self.base_url or self.api_key_env:
+            raise ValueError(
+                f"base_url/api_key_env: engine.kind {self.kind} runs the model here; they are "
+                "for engine.kind openai or openai_batch"
+            )
+        if self.api_key_env is not None and not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env
+        ):
+            raise ValueError(
+                f"api_key_env: {self.api_key_env!r} is not an environment variable name (give "
+                "the variable's name, never the key)"
+            )
+        return self
+
+    @property
     def world_size(self) -> int:
         """Ranks of one engine: tensor x pipeline parallel (GPUs of a multi-GPU worker)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
@@ -211,6 +305,38 @@ class BatchingConfig(_Section):
     )
     prefetch_batches: int = Field(
         2, ge=1, le=16, description="Batches a worker keeps leased ahead of the engine."
+    )
+
+
+class LimitsConfig(_Section):
+    """Rate limits of a remote engine's API, held for the whole cluster by one limiter."""
+
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Requests per minute all workers together may send."
+    )
+    tokens_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Tokens per minute (prompt estimate + max_tokens, corrected from usage).",
+    )
+    burst_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="The bucket holds this many seconds of the rate: the most sent at once "
+        "after an idle spell.",
+    )
+    share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the limits (and of what the provider reports remaining) this "
+        "batch traffic may use; the rest stays free for online traffic on the same key.",
+    )
+    key: str | None = Field(
+        None,
+        description="Which limiter: workers and jobs with the same key share one budget "
+        "(default: the engine's base_url and model).",
     )
 
 
@@ -451,6 +577,7 @@ class Config(BaseModel):
     schedule: ScheduleConfig = Field(ScheduleConfig(), description="When to run.")
     input: InputConfig = Field(InputConfig(), description="Input mapping.")
     api: ApiConfig = Field(ApiConfig(), description="HTTP API settings.")
+    limits: LimitsConfig = Field(LimitsConfig(), description="Remote engines' rate limits.")
 
     @model_validator(mode="before")
     @classmethod
@@ -540,6 +667,20 @@ class Config(BaseModel):
             if model in _adapters(entry):
                 return entry.model
         return None
+
+    def token_prices(self) -> dict[str, tuple[float, float]]:
+        """Of each pool on a remote engine with prices: what its provider charges for a
+        million prompt and completion tokens (the batch discount applied)."""
+        out = {}
+        for one in self.models().values():
+            engine = one.engine
+            if engine.remote and (engine.input_price_per_mtok or engine.output_price_per_mtok):
+                share = 1.0 - engine.batch_discount if engine.kind == "openai_batch" else 1.0
+                out[engine.model] = (
+                    engine.input_price_per_mtok * share,
+                    engine.output_price_per_mtok * share,
+                )
+        return out
 
     def served_names(self) -> list[str]:
         """What body.model may say (with ``engines:``): the entries' names and adapters."""

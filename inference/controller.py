@@ -47,7 +47,7 @@ from inference.export import error_jsonl, output_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
 from inference.metrics import record_ray as record_ray_metrics
-from inference.progress import History, Tracker
+from inference.progress import History, Tracker, job_cost
 from inference.queue.actor import NAMESPACE, get_queue, head_node_id
 from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
@@ -644,7 +644,11 @@ def _tracker(config_data: dict[str, Any]) -> Tracker:
     """A job's progress tracker: at its price per hour, or each model's for several."""
     config = Config.model_validate(config_data)
     models = model_prices(config) if config.engines else None
-    return Tracker(cost_per_hour=config.scaling.cost_per_gpu_hour, models=models)
+    return Tracker(
+        cost_per_hour=config.scaling.cost_per_gpu_hour,
+        models=models,
+        token_prices=config.token_prices(),
+    )
 
 
 def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final: str) -> dict:
@@ -659,7 +663,7 @@ def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final:
         "prompt_tokens": st["prompt_tokens"],
         "completion_tokens": st["completion_tokens"],
         "busy_s": busy_s,
-        "cost": busy_s / 3600.0 * config.scaling.cost_per_gpu_hour,
+        "cost": job_cost(st, config.scaling.cost_per_gpu_hour, config.token_prices())[0],
         "model": config.engine.model,
         "lease_expiries": st["lease_expiries"],
         "created_at": datetime.fromtimestamp(rec["created_at"], UTC).isoformat(),

@@ -4,7 +4,8 @@
 exit at once (``os._exit``, like a kill -9: no cleanup, no flush). With ``INFERENCE_FAULT_ONCE``
 set to a folder, each step fires once (a marker file records it), so a restarted process goes on.
 Steps: ``before_write``, ``after_write`` (worker), ``before_publish``, ``after_publish``,
-``after_complete`` (WorkQueue).
+``after_complete`` (WorkQueue); ``batch_recorded``, ``batch_created`` (a provider batch recorded in
+the ledger and not yet created; created and its id not yet recorded).
 """
 
 from __future__ import annotations

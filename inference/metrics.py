@@ -33,22 +33,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from inference.progress import TokenPrices, job_cost
+
 logger = logging.getLogger(__name__)
 
 Sample = tuple[dict[str, str], float]
 Family = tuple[str, str, str, list[Sample]]
-
-
-def job_cost(stats: Mapping[str, Any], cost_per_gpu_hour: float) -> tuple[float, float | None]:
-    """Cost so far and projected cost to finish: busy hours so far, and the busy time per
-    completed item times the items left (None before the first item completes)."""
-    busy_s = float(stats.get("busy_s", 0.0))
-    cost = busy_s / 3600.0 * cost_per_gpu_hour
-    done = int(stats.get("done", 0))
-    if not done:
-        return cost, None
-    remaining = int(stats.get("pending", 0)) + int(stats.get("leased", 0))
-    return cost, busy_s / done * remaining / 3600.0 * cost_per_gpu_hour
 
 
 def families(
@@ -56,10 +46,13 @@ def families(
     progress: Mapping[str, Mapping[str, Any]],
     workers: Iterable[Mapping[str, Any]] = (),
     cost_per_gpu_hour: Mapping[str, float] | None = None,
+    token_prices: Mapping[str, TokenPrices] | None = None,
 ) -> list[Family]:
     """The series above from queue stats by job, progress by job (the Controller's
-    ``Progress.as_dict()``), worker ``info()`` dicts and the cost rate of each job."""
+    ``Progress.as_dict()``), worker ``info()`` dicts, the cost rate of each job and the token
+    prices of its remote engines."""
     rates = cost_per_gpu_hour or {}
+    prices = token_prices or {}
     per_job: dict[str, list[Sample]] = {
         name: []
         for name in (
@@ -89,7 +82,7 @@ def families(
             tokens = float(st.get(f"{kind}_tokens", 0))
             per_job["tokens"].append(({**job, "kind": kind}, tokens))
         per_job["busy"].append((job, float(st.get("busy_s", 0.0))))
-        cost, to_finish = job_cost(st, rates.get(job_id, 0.0))
+        cost, to_finish = job_cost(st, rates.get(job_id, 0.0), prices.get(job_id))
         models = (progress.get(job_id) or {}).get("models")
         if models:  # several models: each at its own price
             cost = sum(m["cost"] for m in models.values())
@@ -303,6 +296,9 @@ def _record_ray(
         rec = jobs.get(job_id) or {}
         rate = float(((rec.get("config") or {}).get("scaling") or {}).get("cost_per_gpu_hour", 0))
         cost, to_finish = job_cost(st, rate)
+        p = progress.get(job_id)
+        if p:  # the Controller's tracker knows each model's price and its token prices
+            cost, to_finish = float(p["cost"]), p.get("cost_to_finish")
         g["inference_cost"].set(cost, tags)
         if to_finish is not None:
             g["inference_cost_to_finish"].set(to_finish, tags)

@@ -43,6 +43,47 @@ class Progress:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+# pool -> (price of a million prompt tokens, of a million completion tokens), discounts applied:
+# what a remote engine's provider charges, beside the workers' hours.
+TokenPrices = Mapping[str, tuple[float, float]]
+
+
+def _tokens_cost(st: Mapping[str, Any], prices: tuple[float, float]) -> float:
+    prompt_price, completion_price = prices
+    prompt, completion = int(st.get("prompt_tokens", 0)), int(st.get("completion_tokens", 0))
+    return (prompt * prompt_price + completion * completion_price) / 1e6
+
+
+def _to_finish(st: Mapping[str, Any], cost: float) -> float | None:
+    """The cost so far per completed item times the items left (None before the first)."""
+    done = int(st.get("done", 0))
+    if not done:
+        return None
+    return cost / done * (int(st.get("pending", 0)) + int(st.get("leased", 0)))
+
+
+def job_cost(
+    stats: Mapping[str, Any], cost_per_gpu_hour: float, token_prices: TokenPrices | None = None
+) -> tuple[float, float | None]:
+    """Cost so far and projected cost to finish: the workers' busy hours at their price, plus
+    what remote engines' providers charge for the tokens of each pool (``token_prices``);
+    projected as cost per completed item times the items left (None before the first)."""
+    busy_s = float(stats.get("busy_s", 0.0))
+    cost = busy_s / 3600.0 * cost_per_gpu_hour
+    to_finish = _to_finish(stats, cost)
+    pools = stats.get("pools") or {}
+    for pool, prices in (token_prices or {}).items():
+        st = pools.get(pool) or (stats if not pools else None)
+        if not st:
+            continue
+        tokens = _tokens_cost(st, prices)
+        cost += tokens
+        more = _to_finish(st, tokens)
+        if more is not None and to_finish is not None:
+            to_finish += more
+    return cost, to_finish
+
+
 def rate(samples: list[Sample], field: str, window_s: float) -> float:
     """Change of ``field`` per second over the last ``window_s`` seconds of samples."""
     if len(samples) < 2:
@@ -82,11 +123,14 @@ class Tracker:
         window_s: float = 30.0,
         cost_per_hour: float = 0.0,
         models: dict[str, tuple[str, float]] | None = None,
+        token_prices: TokenPrices | None = None,
     ) -> None:
-        """``models``: for a job of several models, pool -> (served name, cost per hour)."""
+        """``models``: for a job of several models, pool -> (served name, cost per hour);
+        ``token_prices``: of its pools on remote engines, what their provider charges."""
         self.window_s = window_s
         self.cost_per_hour = cost_per_hour
         self.models = models
+        self.token_prices = token_prices
         self.samples: deque[Sample] = deque(maxlen=4096)
 
     def update(self, t: float, stats: dict[str, Any], finalizing: bool = False) -> Progress:
@@ -103,13 +147,10 @@ class Tracker:
         remaining_tokens = remaining * tokens_per_item
         eta = eta_s(remaining, remaining_tokens, items_per_s, tokens_per_s)
         busy_s = float(stats.get("busy_s", 0.0))
-        cost = busy_s / 3600.0 * self.cost_per_hour
-        cost_to_finish = None
-        if stats["done"]:
-            cost_to_finish = busy_s / stats["done"] * remaining / 3600.0 * self.cost_per_hour
+        cost, cost_to_finish = job_cost(stats, self.cost_per_hour, self.token_prices)
         models = None
         if self.models is not None:
-            models = model_shares(stats.get("pools", {}), self.models)
+            models = model_shares(stats.get("pools", {}), self.models, self.token_prices)
             cost = sum(m["cost"] for m in models.values())
             cost_to_finish = sum(m["cost_to_finish"] or 0.0 for m in models.values())
         total = stats["total"]
@@ -147,18 +188,24 @@ class Tracker:
 
 
 def model_shares(
-    pools: dict[str, dict[str, Any]], models: dict[str, tuple[str, float]]
+    pools: dict[str, dict[str, Any]],
+    models: dict[str, tuple[str, float]],
+    token_prices: TokenPrices | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each model's share of a job, from the job's stats by pool: counts, the fraction settled,
-    engine seconds, cost so far and to finish (at that model's price per hour)."""
+    engine seconds, cost so far and to finish (at that model's price per hour, plus its
+    provider's token prices for a remote engine)."""
     out: dict[str, dict[str, Any]] = {}
     for pool, (name, per_hour) in models.items():
         st = pools.get(pool)
         if not st:
             continue
         busy_s = float(st["busy_s"])
-        remaining = st["pending"] + st["leased"]
         settled = st["done"] + st["dead"]
+        prices = (token_prices or {}).get(pool)
+        cost, to_finish = job_cost(
+            {**st, "pools": {}}, per_hour, {pool: prices} if prices else None
+        )
         out[name] = {
             "total": st["total"],
             "done": st["done"],
@@ -167,10 +214,8 @@ def model_shares(
             "leased": st["leased"],
             "fraction": settled / st["total"] if st["total"] else 1.0,
             "busy_s": busy_s,
-            "cost": busy_s / 3600.0 * per_hour,
-            "cost_to_finish": busy_s / st["done"] * remaining / 3600.0 * per_hour
-            if st["done"]
-            else None,
+            "cost": cost,
+            "cost_to_finish": to_finish,
         }
     return out
 

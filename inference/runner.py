@@ -19,7 +19,7 @@ from inference.config import Config
 from inference.errors import InferenceError, InputError, OutputError
 from inference.inputs import InputProblem, InputRecord, read_input
 from inference.pool import WorkerPool
-from inference.progress import Progress, Tracker, model_shares
+from inference.progress import Progress, Tracker, job_cost, model_shares
 from inference.queue.actor import get_or_create_queue
 from inference.queue.records import Packed
 from inference.queue.store import JobSpec, NewItem
@@ -148,6 +148,7 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
             "model": config.engine.model,
             "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
             **({"models": model_prices(config)} if config.engines else {}),
+            **({"token_prices": config.token_prices()} if config.token_prices() else {}),
         },
     )
 
@@ -193,6 +194,7 @@ def run_job(
     tracker = Tracker(
         cost_per_hour=config.scaling.cost_per_gpu_hour,
         models=model_prices(config) if config.engines else None,
+        token_prices=config.token_prices(),
     )
     sizing = _Sizings(
         [_PoolSizing(c, queue, job_id, _fixed_workers(c, len(models))) for c in models.values()]
@@ -365,12 +367,14 @@ def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
         "state": "completed",
         "finished_at": datetime.now(UTC).isoformat(),
         "busy_s": busy_s,
-        "cost": busy_s / 3600.0 * config.scaling.cost_per_gpu_hour,
+        "cost": job_cost(stats, config.scaling.cost_per_gpu_hour, config.token_prices())[0],
         "model": config.engine.model,
         "lease_expiries": stats["lease_expiries"],
     }
+    if stats.get("remote_batches"):  # an openai_batch engine's provider batches
+        fields["remote_batches"] = stats["remote_batches"]
     if config.engines:
-        models = model_shares(stats.get("pools", {}), model_prices(config))
+        models = model_shares(stats.get("pools", {}), model_prices(config), config.token_prices())
         fields["models"] = models
         fields["model"] = list(models)
         fields["cost"] = sum(m["cost"] for m in models.values())

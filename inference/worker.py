@@ -74,12 +74,13 @@ class InferenceWorker:
         self.pool = pool
         self.lease_s = config.queue.lease_s
         self.queue = get_queue()
-        self.engine = make_engine(config.engine, config.batching)
+        self.engine = make_engine(config.engine, config.batching, config.limits, worker_id, pool)
         b = config.batching
-        self.batcher = Batcher(
-            min(b.max_batch_size, self.engine.max_batch_size), b.max_batch_tokens, b.max_wait_ms
-        )
-        self.prefetch_items = b.max_batch_size * b.prefetch_batches
+        size = self.engine.max_batch_size
+        if not config.engine.remote:  # a remote engine's in-flight limit is its concurrency
+            size = min(b.max_batch_size, size)
+        self.batcher = Batcher(size, b.max_batch_tokens, b.max_wait_ms)
+        self.prefetch_items = size * b.prefetch_batches
         self.continuous = is_continuous(self.engine)
         self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
         self._held_lock = threading.Lock()
@@ -354,6 +355,7 @@ class InferenceWorker:
             p.key = item
             p.extra["leased_at"] = now
             p.extra["job"] = item.job_id
+            p.extra["item_id"] = item.item_id
             prepared.append(p)
         if refused:
             self._fail(refused)

@@ -25,8 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from inference.metrics import job_cost
-from inference.progress import model_shares
+from inference.progress import TokenPrices, job_cost, model_shares
 from inference.queue.actor import NAMESPACE
 
 from .http_errors import ApiError
@@ -62,6 +61,7 @@ class Observation:
     workers: list[dict[str, Any]]
     cost_per_gpu_hour: dict[str, float]
     models: dict[str, dict[str, tuple[str, float]]]  # job -> pool -> (model, price per hour)
+    token_prices: dict[str, TokenPrices]  # job -> pool -> remote engine's token prices
 
     def progress(self) -> dict[str, dict[str, Any]]:
         """The Controller's progress of each job whose progress is current."""
@@ -86,23 +86,31 @@ async def observe(request: Request) -> Observation:
     snapshot = await state.refresh()
     records = {r["id"]: r for r in [*natives, *batches]}
     workers = await _workers(request, list(snapshot.get("pools", {})))
-    rates, models = {}, {}
+    rates, models, tokens = {}, {}, {}
     for job_id in stats["jobs"]:
-        rates[job_id], models[job_id] = await _prices(state, job_id)
-    return Observation(time.time(), stats["jobs"], snapshot, records, workers, rates, models)
+        rates[job_id], models[job_id], tokens[job_id] = await _prices(state, job_id)
+    return Observation(
+        time.time(), stats["jobs"], snapshot, records, workers, rates, models, tokens
+    )
 
 
-async def _prices(state: ServerState, job_id: str) -> tuple[float, dict[str, tuple[str, float]]]:
-    """A job's cost per GPU-hour, and with several models each pool's name and price."""
+async def _prices(
+    state: ServerState, job_id: str
+) -> tuple[float, dict[str, tuple[str, float]], TokenPrices]:
+    """A job's cost per GPU-hour; with several models each pool's name and price; the token
+    prices of its remote engines."""
     try:
         spec = await state.job_spec(job_id)
     except Exception:  # the job is gone from the queue meanwhile: no cost known
-        return 0.0, {}
+        return 0.0, {}, {}
     models = {
         pool: (name, float(price))
         for pool, (name, price) in spec.settings.get("models", {}).items()
     }
-    return float(spec.settings.get("cost_per_gpu_hour", 0.0) or 0.0), models
+    tokens = {
+        pool: (float(p), float(c)) for pool, (p, c) in spec.settings.get("token_prices", {}).items()
+    }
+    return float(spec.settings.get("cost_per_gpu_hour", 0.0) or 0.0), models, tokens
 
 
 async def _workers(request: Request, pools: list[str]) -> list[dict[str, Any]]:
@@ -148,6 +156,7 @@ def _job_row(
     rate: float,
     prices: dict[str, tuple[str, float]],
     now: float,
+    token_prices: TokenPrices | None = None,
 ) -> dict[str, Any]:
     progress = (rec or {}).get("progress") if rec and _live(rec) else None
     total = int(st["total"])
@@ -161,8 +170,8 @@ def _job_row(
     if rec and status not in ("completed", "failed", "cancelled", "expired"):
         fraction = min(fraction, 0.999)
     eta_s = (progress.get("eta_s") if remaining else 0.0) if progress else None
-    cost, to_finish = job_cost(st, rate)
-    models = _model_shares(st, prices, rate)
+    cost, to_finish = job_cost(st, rate, token_prices)
+    models = _model_shares(st, prices, rate, token_prices)
     if models:
         cost = sum(m["cost"] for m in models.values())
         to_finish = sum(m["cost_to_finish"] or 0.0 for m in models.values())
@@ -200,14 +209,19 @@ def _job_row(
 
 
 def _model_shares(
-    st: dict[str, Any], prices: dict[str, tuple[str, float]], rate: float
+    st: dict[str, Any],
+    prices: dict[str, tuple[str, float]],
+    rate: float,
+    token_prices: TokenPrices | None = None,
 ) -> dict[str, dict[str, Any]] | None:
     """Each model's share of a job of several (None for one), by the names and prices of its
     ``engines:`` (a pool of none: its own name, at the job's price)."""
     pools = st.get("pools") or {}
     if len(pools) < 2 and not prices:
         return None
-    return model_shares(pools, {pool: prices.get(pool, (pool, rate)) for pool in pools})
+    return model_shares(
+        pools, {pool: prices.get(pool, (pool, rate)) for pool in pools}, token_prices
+    )
 
 
 async def _dead_letters(state: ServerState, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -284,6 +298,7 @@ async def dashboard_state(request: Request) -> dict[str, Any]:
                 obs.cost_per_gpu_hour[job_id],
                 obs.models[job_id],
                 obs.at,
+                obs.token_prices[job_id],
             )
             for job_id, st in obs.stats.items()
         ),

@@ -58,7 +58,7 @@ async def metrics(request: Request) -> Response:
     obs = await observe(request)  # the dashboard's figures: progress, cost, workers
     counters = await state.counter_totals()  # of every server process
     families = _families(obs.stats, obs.snapshot, counters) + job_metrics.families(
-        obs.stats, obs.progress(), obs.workers, obs.cost_per_gpu_hour
+        obs.stats, obs.progress(), obs.workers, obs.cost_per_gpu_hour, obs.token_prices
     )
     return Response(job_metrics.render(families), media_type="text/plain; version=0.0.4")
 

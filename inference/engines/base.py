@@ -28,19 +28,27 @@ class Prepared:
     prompt_ids: list[int]
     key: Any = None  # the caller's handle (e.g. the lease), passed through untouched
     extra: dict[str, Any] = field(default_factory=dict)
+    # An engine that does not tokenize (a remote API) gives its estimate of the prompt's tokens.
+    prompt_estimate: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
+        if self.prompt_estimate is not None:
+            return self.prompt_estimate
         return len(self.prompt_ids)
 
     @property
     def cost_tokens(self) -> int:
         """Tokens this item occupies in a batch: prompt plus what it may generate."""
-        return len(self.prompt_ids) + self.request.max_tokens * self.request.n
+        return self.prompt_tokens + self.request.max_tokens * self.request.n
 
 
 class Engine(Protocol):
-    """One model loaded on one device."""
+    """One model loaded on one device (or, for a remote engine, one client of an API).
+
+    ``max_batch_size`` caps the items in one batch, or in flight for a continuous engine; the
+    worker's batcher takes the smaller of it and ``batching.max_batch_size``, except for a
+    remote engine, whose in-flight limit is ``engine.concurrency`` alone."""
 
     model_name: str
     tasks: frozenset[str]

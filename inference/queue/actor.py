@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from inference.errors import OutputError, QueueError, StorageError
 from inference.faults import fault
 from inference.heap import freeze_startup_heap
+from inference.queue.remote import RemoteLedger
 from inference.queue.store import (
     EnqueueResult,
     JobSpec,
@@ -71,6 +72,7 @@ class WorkQueue:
     def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
         logging.basicConfig(level=logging.INFO)
         self._store = QueueStore(db_path)
+        self._remote = RemoteLedger(self._store.db)
         self._max_item_bytes = max_item_bytes
         self._outputs: dict[str, JobOutput] = {}
         self._recover()
@@ -239,7 +241,38 @@ class WorkQueue:
         return self._store.redrive(job_id, item_ids)
 
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
-        return self._store.stats(job_id)
+        stats = self._store.stats(job_id)
+        for jid, st in [(job_id, stats)] if job_id is not None else stats["jobs"].items():
+            remote = self._remote.summary(jid)
+            if remote is not None:
+                st["remote_batches"] = remote
+        return stats
+
+    # --------------------------------------------------------------- provider batches
+    def remote_record(
+        self,
+        key: str,
+        job_id: str,
+        pool: str,
+        endpoint: str,
+        url: str,
+        input_file_id: str,
+        item_ids: Sequence[str],
+        nbytes: int,
+    ) -> None:
+        self._remote.record(key, job_id, pool, endpoint, url, input_file_id, item_ids, nbytes)
+
+    def remote_update(self, key: str, **fields: Any) -> None:
+        self._remote.update(key, **fields)
+
+    def remote_lookup(self, job_id: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self._remote.lookup(job_id, item_ids)
+
+    def remote_forget(self, job_id: str, item_ids: Sequence[str], key: str | None = None) -> int:
+        return self._remote.forget(job_id, item_ids, key)
+
+    def remote_batches(self, job_id: str) -> list[dict[str, Any]]:
+        return self._remote.batches(job_id)
 
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         return self._store.item(job_id, item_id)

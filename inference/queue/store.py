@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -154,6 +155,11 @@ class QueueStore:
 
     def _tx(self) -> Transaction:
         return Transaction(self._db)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The store's connection, for ledgers that keep tables beside it (provider batches)."""
+        return self._db
 
     # ----------------------------------------------------------------- sweeps
     def _sweep(self) -> float:
