@@ -35,16 +35,20 @@ from typing import Any
 
 import ray
 
-from inference.config import Config, ScalingConfig
+from inference.config import Config, ScalingConfig, overflow_pool
 from inference.pool import WorkerPool, free_placement, placement_bundles
 from inference.scaler import (
+    Backlog,
     Decision,
+    OverflowShare,
     Policy,
     ScalerInput,
     ThroughputMeter,
     backlog_entries,
+    deadline_needs,
     decide,
     jobs_of_pool,
+    overflow_moves,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,23 @@ PLACEMENT_GRACE_S = 2.0  # a worker this young may not show in the available res
 THROUGHPUT_HALFLIFE_S = 60.0
 
 Bundle = dict[str, float]
+
+
+def _with_overflow(local: dict[str, Any] | None, remote: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's stats in a pool with its overflow items' pending figures added (what the pool
+    would have to do were they back)."""
+    base = dict(local or remote or {})
+    if local is None or remote is None:
+        if local is None:
+            base["leased"] = 0  # those are being done remotely
+        return base
+    base["pending"] = int(local["pending"]) + int(remote["pending"])
+    base["pending_tokens"] = int(local["pending_tokens"]) + int(remote["pending_tokens"])
+    by_priority = dict(local.get("pending_by_priority") or {})
+    for priority, n in (remote.get("pending_by_priority") or {}).items():
+        by_priority[priority] = by_priority.get(priority, 0) + n
+    base["pending_by_priority"] = by_priority
+    return base
 
 
 def worker_bundle(scaling: ScalingConfig) -> Bundle:
@@ -352,6 +373,9 @@ class Autoscaler:
             self._idle_since = now
         active = self.pool.active()
         max_workers = self.scaling.max_workers or self._cluster_slots()
+        policy = Policy.from_config(self.scaling, max_workers)
+        if self.scaling.overflow is not None and rate:
+            self._route_overflow(stats, backlog, rate, policy.cap, now, wall)
         decision = decide(
             ScalerInput(
                 backlog=backlog,
@@ -362,7 +386,7 @@ class Autoscaler:
                 idle_s=0.0 if self._idle_since is None else now - self._idle_since,
                 since_change_s=now - self._changed_at,
             ),
-            Policy.from_config(self.scaling, max_workers),
+            policy,
         )
         if decision.desired != self._target:
             logger.info(
@@ -396,6 +420,46 @@ class Autoscaler:
             ended=ended,
         )
         return self.last
+
+    def _route_overflow(
+        self,
+        stats: dict[str, dict[str, Any]],
+        backlog: tuple[Backlog, ...],
+        rate: float,
+        cap: float,
+        now: float,
+        wall: float,
+    ) -> None:
+        """Move the pending items this pool cannot do by their job's deadline to the overflow
+        pool, and back once it can (:func:`~inference.scaler.overflow_moves`). Only pending
+        items move, in one queue call each, so every item is in one pool at every moment."""
+        target = overflow_pool(self.name)
+        local = {j["job_id"]: j for j in jobs_of_pool(stats, self.name)}
+        remote = {j["job_id"]: j for j in jobs_of_pool(stats, target)}
+        needs = deadline_needs(backlog, rate)
+        shares = {}
+        for job_id in set(local) | set(remote):
+            deadline = self.deadlines.get(job_id)
+            if deadline is None:
+                continue  # no deadline: nothing to route for
+            mine, theirs = local.get(job_id), remote.get(job_id)
+            merged = _with_overflow(mine, theirs)
+            others = tuple(b for b in backlog if b.job_id != job_id)
+            with_overflow = deadline_needs(
+                others + tuple(backlog_entries(merged, wall, deadline)), rate
+            )
+            shares[job_id] = OverflowShare(
+                pending=int(mine["pending"]) if mine else 0,
+                overflow_pending=int(theirs["pending"]) if theirs else 0,
+                need=needs.get(job_id, 0.0),
+                need_with_overflow=with_overflow.get(job_id, 0.0),
+            )
+        for job_id, n in overflow_moves(shares, cap, self.scaling.hysteresis).items():
+            source, dest = (self.name, target) if n > 0 else (target, self.name)
+            moved = ray.get(self.queue.move_pending.remote(job_id, source, dest, abs(n)))
+            if moved:
+                self.events.append((now, "overflow" if n > 0 else "overflow_back", job_id))
+                logger.info("job=%s: %d items %s -> %s (deadline)", job_id, moved, source, dest)
 
     def _apply(self, desired: int, now: float) -> tuple[list[str], list[str]]:
         active = self.pool.active()

@@ -433,6 +433,18 @@ class ScalingConfig(_Section):
     interval_s: float = Field(
         5.0, gt=0, le=300, description="How often the scaler looks at the queue, in seconds."
     )
+    overflow: EngineConfig | None = Field(
+        None,
+        description="A remote engine (kind openai or openai_batch) for what the pool cannot "
+        "finish by a job's deadline even at max_workers: that excess of pending items is "
+        "routed to it, and back when the pool catches up. Needs mode: autoscale.",
+    )
+    overflow_workers: int = Field(
+        1, ge=1, le=256, description="Most workers of the overflow pool (remote clients)."
+    )
+    overflow_cpus_per_worker: float = Field(
+        0.25, ge=0, description="CPUs each overflow worker holds (it only waits on HTTP)."
+    )
 
     @property
     def worker_cost_per_hour(self) -> float:
@@ -448,6 +460,17 @@ class ScalingConfig(_Section):
             )
         if self.mode == "autoscale" and self.max_workers < 1:
             raise ValueError("max_workers must be set (>= 1) when mode is autoscale")
+        if self.overflow is not None:
+            if not self.overflow.remote:
+                raise ValueError(
+                    f"overflow.kind: the overflow engine is remote (openai or openai_batch), "
+                    f"not {self.overflow.kind}"
+                )
+            if self.mode != "autoscale":
+                raise ValueError(
+                    "overflow: routing to it follows the scaler's deadline figures; set "
+                    "mode: autoscale (with max_workers and a deadline)"
+                )
         ceiling = self.cost_ceiling_per_hour
         if ceiling is not None and self.min_workers * self.worker_cost_per_hour > ceiling:
             raise ValueError(
@@ -668,15 +691,40 @@ class Config(BaseModel):
                 return entry.model
         return None
 
+    def pools(self) -> dict[str, Config]:
+        """Every engine pool of the job by name: each model's (named by its ``engine.model``)
+        and, where ``scaling.overflow`` is set, its overflow pool (``<model>+overflow``) of
+        remote clients, autoscaled from 0 to ``overflow_workers`` on what is routed to it."""
+        out: dict[str, Config] = {}
+        for one in self.models().values():
+            out[one.engine.model] = one
+            scaling = one.scaling
+            if scaling.overflow is None:
+                continue
+            data = one.model_dump()
+            data["engine"] = scaling.overflow.model_dump()
+            data["scaling"] = {
+                **data["scaling"],
+                "overflow": None,
+                "min_workers": 0,
+                "max_workers": scaling.overflow_workers,
+                "gpus_per_worker": 0.0,
+                "cpus_per_worker": scaling.overflow_cpus_per_worker,
+                "cost_per_gpu_hour": 0.0,
+                "cost_ceiling_per_hour": None,
+            }
+            out[overflow_pool(one.engine.model)] = Config.model_validate(data)
+        return out
+
     def token_prices(self) -> dict[str, tuple[float, float]]:
         """Of each pool on a remote engine with prices: what its provider charges for a
         million prompt and completion tokens (the batch discount applied)."""
         out = {}
-        for one in self.models().values():
+        for pool, one in self.pools().items():
             engine = one.engine
             if engine.remote and (engine.input_price_per_mtok or engine.output_price_per_mtok):
                 share = 1.0 - engine.batch_discount if engine.kind == "openai_batch" else 1.0
-                out[engine.model] = (
+                out[pool] = (
                     engine.input_price_per_mtok * share,
                     engine.output_price_per_mtok * share,
                 )
@@ -713,6 +761,11 @@ class Config(BaseModel):
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def overflow_pool(pool: str) -> str:
+    """The name of the pool that takes a pool's overflow."""
+    return f"{pool}+overflow"
 
 
 def _adapters(entry: EngineConfig) -> list[str]:

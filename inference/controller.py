@@ -609,8 +609,9 @@ class Controller:
         for rec in busy:
             for pool in stats[rec["id"]].get("pools", {}):
                 if pool not in configs:
-                    models = Config.model_validate(rec["config"]).models().values()
-                    configs.update({c.engine.model: c for c in models if c.engine.model == pool})
+                    pools = Config.model_validate(rec["config"]).pools()
+                    if pool in pools:
+                        configs[pool] = pools[pool]
         self._fleet.size(stats, configs, job_deadlines(busy), now, time.time())
 
     def _release_lost_workers(self) -> None:

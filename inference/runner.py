@@ -197,7 +197,10 @@ def run_job(
         token_prices=config.token_prices(),
     )
     sizing = _Sizings(
-        [_PoolSizing(c, queue, job_id, _fixed_workers(c, len(models))) for c in models.values()]
+        [
+            _PoolSizing(c, queue, job_id, _fixed_workers(c, len(models)), name)
+            for name, c in config.pools().items()
+        ]
     )
     # Workers load their model while the items are enqueued: of each pool this run has new
     # items for, or that has some left from an earlier run.
@@ -298,8 +301,10 @@ class _PoolSizing:
     """One pool of the job's workers: a fixed pool (``scaling.mode: fixed``) started up front
     and kept at size, or the backlog-driven :class:`~inference.autoscale.Autoscaler`."""
 
-    def __init__(self, config: Config, queue: Any, job_id: str, workers: int) -> None:
-        self.name = config.engine.model
+    def __init__(
+        self, config: Config, queue: Any, job_id: str, workers: int, name: str | None = None
+    ) -> None:
+        self.name = name or config.engine.model
         self.started = False
         self.job_id = job_id
         self.workers = workers
@@ -311,11 +316,11 @@ class _PoolSizing:
         if self.scaling.mode == "autoscale":
             from inference.autoscale import Autoscaler, deadline_ts
 
-            self.autoscaler = Autoscaler(config, queue, config.engine.model)
+            self.autoscaler = Autoscaler(config, queue, self.name)
             due = deadline_ts(self.scaling)
             self.deadlines = {job_id: due} if due is not None else {}
         else:
-            self.pool = WorkerPool(config, config.engine.model, queue)
+            self.pool = WorkerPool(config, self.name, queue)
         self.peak = 0
 
     def start(self) -> None:

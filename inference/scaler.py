@@ -22,6 +22,10 @@ How the count is found:
   never delayed.
 - **Cold start.** Until one worker's throughput is measured (``assumed_tokens_per_s`` unset)
   a pool with work runs one worker.
+- **Overflow.** With ``scaling.overflow``, a job at risk has the share of its pending items
+  that the pool cannot do in time even at its cap moved to the overflow pool (a remote engine);
+  once the pool could take more than it has within ``hysteresis`` of its cap, they come back
+  (:func:`overflow_moves`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,46 @@ def deadline_needs(backlog: tuple[Backlog, ...], tokens_per_s: float) -> dict[st
         need = math.inf if b.deadline_in_s <= 0 else work / (tokens_per_s * b.deadline_in_s)
         needs[b.job_id] = max(needs.get(b.job_id, 0.0), need)
     return needs
+
+
+@dataclass(frozen=True, slots=True)
+class OverflowShare:
+    """One job as the overflow routing sees it (workers are fractional)."""
+
+    pending: int  # its leasable items in the pool
+    overflow_pending: int  # its items in the overflow pool, not leased there yet
+    need: float  # workers the pool needs for its deadline (deadline_needs), 0 without one
+    need_with_overflow: float  # the same, were its overflow items back in the pool
+
+
+def overflow_moves(
+    shares: dict[str, OverflowShare], cap: float, hysteresis: float
+) -> dict[str, int]:
+    """Pending items to move for each job: > 0 from the pool to its overflow, < 0 back.
+
+    A job that needs more than ``cap`` workers for its deadline keeps the share of its pending
+    items the cap can do and the rest go (all of them once the deadline has passed). A job
+    that needs less than ``cap x (1 - hysteresis)`` takes back as many of its overflow items
+    as keep it within that (the band keeps items from going back and forth)."""
+    out: dict[str, int] = {}
+    room = cap * (1.0 - hysteresis)
+    for job_id, s in shares.items():
+        if s.need > cap + _EPS:
+            n = s.pending if math.isinf(s.need) else math.ceil(s.pending * (1 - cap / s.need))
+            if n > 0:
+                out[job_id] = n
+            continue
+        if not s.overflow_pending or s.need >= room:
+            continue
+        extra = s.need_with_overflow - s.need  # what the overflow items would add here
+        back = (
+            s.overflow_pending
+            if extra <= _EPS
+            else math.floor(s.overflow_pending * min(1.0, (room - s.need) / extra))
+        )
+        if back > 0:
+            out[job_id] = -back
+    return out
 
 
 def decide(inp: ScalerInput, policy: Policy) -> Decision:

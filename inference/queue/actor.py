@@ -248,6 +248,9 @@ class WorkQueue:
                 st["remote_batches"] = remote
         return stats
 
+    def move_pending(self, job_id: str, source: str, target: str, n: int) -> int:
+        return self._store.move_pending(job_id, source, target, n)
+
     # --------------------------------------------------------------- provider batches
     def remote_record(
         self,

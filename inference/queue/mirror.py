@@ -180,6 +180,17 @@ class Mirror:
         if new == PENDING:
             self._add_ready((job.spec.job_id, pool), priority, n)
 
+    def repool(
+        self, job: Job, source: str, target: str, priority: int, n: int, tokens: int
+    ) -> None:
+        """``n`` pending items (``tokens`` in all) of a job moved from one pool to another."""
+        for tally, sign in ((job.pool(source), -1), (job.pool(target), 1)):
+            tally.counts[PENDING] += sign * n
+            tally.pending_tokens += sign * tokens
+            tally.pending_by_priority[priority] += sign * n
+        self._add_ready((job.spec.job_id, source), priority, -n)
+        self._add_ready((job.spec.job_id, target), priority, n)
+
     def _add_ready(self, lane: Lane, priority: int, n: int) -> None:
         lanes = self.ready.setdefault(priority, {})
         left = lanes.get(lane, 0) + n

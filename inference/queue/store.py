@@ -773,6 +773,32 @@ class QueueStore:
         logger.info("redrive job=%s items=%d", job_id, len(rows))
         return len(rows)
 
+    def move_pending(self, job_id: str, source: str, target: str, n: int) -> int:
+        """Move up to ``n`` of a job's pending items from one engine pool to another: those
+        that would be leased last (lowest priority, newest). Only pending items move, in one
+        transaction, so an item is in exactly one pool at every moment and no lease, epoch or
+        commit is touched (what keeps overflow routing exactly once). Returns how many moved."""
+        job = self._m.job(job_id)
+        if n <= 0 or source == target:
+            return 0
+        with self._tx():
+            rows = self._db.execute(
+                "UPDATE items SET pool = ? WHERE id IN (SELECT id FROM items WHERE job_id = ?"
+                " AND pool = ? AND state = 0 ORDER BY priority, id DESC LIMIT ?)"
+                " RETURNING priority, tokens",
+                (target, job_id, source, n),
+            ).fetchall()
+        groups: dict[int, list[int]] = {}
+        for priority, tokens in rows:
+            group = groups.setdefault(priority, [0, 0])
+            group[0] += 1
+            group[1] += tokens
+        for priority, (count, tokens) in groups.items():
+            self._m.repool(job, source, target, priority, count, tokens)
+        if rows:
+            logger.info("job=%s: %d pending items %s -> %s", job_id, len(rows), source, target)
+        return len(rows)
+
     # ----------------------------------------------------------------- reads
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
         """Counts by job and state, pending tokens, age of the oldest pending item, lease

@@ -236,3 +236,32 @@ def test_the_ledger_maps_items_to_live_batches_until_they_are_forgotten(
     assert [b["key"] for b in ledger.batches("job")] == ["k1", "k2"]
     with pytest.raises(ValueError, match="not a field"):
         ledger.update("k1", lines=3)
+
+
+def test_an_overflow_pool_is_a_remote_engine_beside_an_autoscaled_pool() -> None:
+    remote = {"kind": "openai", "base_url": URL, "model": "gpt-x", "output_price_per_mtok": 4}
+    with pytest.raises(ConfigError, match="mode: autoscale"):
+        parse_config({"scaling": {"max_workers": 2, "overflow": remote}})
+    with pytest.raises(ConfigError, match=r"overflow\.kind"):
+        parse_config(
+            {"scaling": {"mode": "autoscale", "max_workers": 2, "overflow": {"kind": "vllm"}}}
+        )
+    config = parse_config(
+        {
+            "scaling": {
+                "mode": "autoscale",
+                "max_workers": 4,
+                "gpus_per_worker": 1,
+                "cost_per_gpu_hour": 2.0,
+                "overflow": remote,
+                "overflow_workers": 3,
+            }
+        }
+    )
+    pools = config.pools()
+    assert list(pools) == ["tiny-llama", "tiny-llama+overflow"]
+    over = pools["tiny-llama+overflow"]
+    assert over.engine.kind == "openai" and over.scaling.overflow is None
+    assert (over.scaling.max_workers, over.scaling.gpus_per_worker) == (3, 0.0)
+    assert (over.scaling.cpus_per_worker, over.scaling.cost_per_gpu_hour) == (0.25, 0.0)
+    assert config.token_prices() == {"tiny-llama+overflow": (0.0, 4.0)}

@@ -372,3 +372,27 @@ def test_a_pool_sees_only_its_share_of_a_job_of_several_models() -> None:
     [big] = jobs_of_pool(stats, "big")  # "solo" has no items (empty pools)
     assert (big["pool"], big["pending"], big["busy_s"]) == ("big", 2, 9.0)
     assert jobs_of_pool(stats, "none") == []
+
+
+def test_overflow_takes_what_the_cap_cannot_do_in_time_and_gives_it_back_when_it_can() -> None:
+    from inference.scaler import OverflowShare, overflow_moves
+
+    def share(pending: int, over: int, need: float, with_over: float) -> OverflowShare:
+        return OverflowShare(pending, over, need, with_over)
+
+    moves = overflow_moves(
+        {
+            "late": share(100, 0, 4.0, 4.0),  # needs 4 workers, may have 2: half goes
+            "past": share(30, 5, math.inf, math.inf),  # deadline passed: all go
+            "fine": share(50, 0, 1.0, 1.0),  # in time: stays
+            "room": share(10, 40, 0.5, 2.5),  # room for (1.6 - 0.5) / 2 of its 40
+            "band": share(10, 40, 1.7, 3.0),  # within the hysteresis band: holds
+            "empty": share(0, 12, 0.0, 0.0),  # back, all of it
+        },
+        cap=2,
+        hysteresis=0.2,
+    )
+    assert moves == {"late": 50, "past": 30, "room": -22, "empty": -12}
+    # Moving back what was moved out must not move it out again at once: the need with the
+    # overflow back stays within the cap.
+    assert overflow_moves({"j": share(40, 60, 0.8, 1.6)}, cap=2, hysteresis=0.2) == {"j": -60}

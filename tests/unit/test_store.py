@@ -898,3 +898,28 @@ def test_usage_is_counted_for_the_pool_whose_worker_wrote_the_shard(
 def test_an_item_of_an_empty_pool_name_is_refused(store: QueueStore) -> None:
     with pytest.raises(QueueError, match="pool must be a non-empty string"):
         store.enqueue("job", [NewItem("a", "{}", 1, pool="")])
+
+
+def test_pending_items_move_between_pools_and_leased_ones_never_do(
+    tmp_path: Path, clock: Clock, wall: Clock
+) -> None:
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store.create_job(JobSpec("late", pool="local"))
+    store.enqueue("late", [NewItem(f"i{k}", "{}", 10) for k in range(10)])
+    held = store.lease("w", 3, pool="local")  # the oldest three are leased
+    assert store.move_pending("late", "local", "local+overflow", 5) == 5
+    counts = _pool_counts(store, "late")
+    assert counts["local"] == (2, 0, 3, 0, 0, 20)
+    assert counts["local+overflow"] == (5, 0, 0, 0, 0, 50)
+    moved = store.lease("o", 10, pool="local+overflow")
+    assert sorted(x.item_id for x in moved) == [f"i{k}" for k in range(5, 10)]  # the newest
+    assert store.move_pending("late", "local", "local+overflow", 10) == 2  # only pending move
+    assert store.lease("w", 10, pool="local") == []
+    assert store.move_pending("late", "local+overflow", "local", 10) == 2  # and back
+    assert sorted(x.item_id for x in store.lease("w", 10, pool="local")) == ["i3", "i4"]
+    store.complete([x.token for x in held + moved])
+    counts = _pool_counts(store, "late")
+    store.close()
+    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    assert _pool_counts(again, "late") == counts  # the database says the same as the mirror
+    assert again.stats("late")["total"] == 10
