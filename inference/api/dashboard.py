@@ -203,6 +203,7 @@ def _job_row(
         "cost_to_finish": to_finish,
         "cost_per_gpu_hour": rate,
         "models": models,
+        "remote_batches": st.get("remote_batches"),  # an openai_batch engine's, by state
         "starts_at": next_run if next_run > now else None,
         "windows": st.get("windows") or [],
     }
