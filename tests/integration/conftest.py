@@ -12,10 +12,11 @@ import pytest
 from tests.support.vllm_server import vllm_server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_openai_server() -> Iterator[str]:
     """A real vLLM OpenAI-compatible server of the tiny model (served as ``tiny-llama``),
-    shared by every test of the run that asks for it; yields its base URL
+    shared by the tests of a module (a module scope, so it is stopped before the suite's own
+    vLLM tests bind the same cores); yields its base URL
     (``http://127.0.0.1:PORT/v1``). Its log lives in a temp folder under /tmp, removed after a
     clean stop."""
     log_dir = Path(tempfile.mkdtemp(prefix="vllm-server-", dir="/tmp"))
