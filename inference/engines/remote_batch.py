@@ -418,10 +418,13 @@ class OpenAIBatchEngine:
                 continue
             try:
                 text = self._content(str(file_id))
-            except (TransientError, PermanentError) as exc:
+            except TransientError as exc:
                 logger.warning("provider batch %s: cannot read %s: %s", batch.key, name, exc)
                 batch.next_poll = time.monotonic() + self.batch.poll_s
                 return  # read it at the next poll
+            except PermanentError as exc:  # gone (expired, deleted): its items go again
+                logger.warning("provider batch %s: %s is gone: %s", batch.key, name, exc)
+                continue
             for raw in text.splitlines():
                 if raw.strip():
                     line = json.loads(raw)
