@@ -54,6 +54,9 @@ class RateLimiterActor:
     def paused_s(self) -> float:
         return self._state.paused_s()
 
+    def view(self) -> tuple[float, bool, bool]:
+        return self._state.view()
+
     def stats(self) -> dict[str, Any]:
         return {"key": self._key, **self._state.stats()}
 

@@ -224,8 +224,11 @@ class Limiter:
 
     async def _poll_pause(self) -> None:
         try:
-            paused: float = await self.actor.paused_s.remote()
+            paused, requests, tokens = await self.actor.view.remote()
             self._paused_until = max(self._paused_until, self._clock() + paused)
+            # Limits the provider announced hold from now on (never lifted by a poll).
+            self._limit_requests = self._limit_requests or requests
+            self._limit_tokens = self._limit_tokens or tokens
         except Exception as exc:
             logger.warning("limiter pause poll failed (%s)", exc)
         finally:

@@ -160,17 +160,44 @@ class RateLimiterState:
         self._signals = 0
         self._provider: dict[str, float | None] = {}
         self._reserved: tuple[str, float, float] | None = None  # client, ready_at, until
-        self.config = config
+        self._asked = config  # what the workers configured
+        self.config = config  # what holds: that, and the provider's limits where it sets none
         self._build()
 
     def configure(self, config: LimitsConfig) -> bool:
         """Adopt ``config`` (the latest connecting worker's); True when that changed the limits.
         A change starts a new epoch: workers drop their reservoirs and counts."""
-        if config == self.config:
+        if config == self._asked:
             return False
-        self.config = config
+        self._asked = config
+        self.config = self._effective()
         self._build()
         return True
+
+    def _effective(self) -> LimitsConfig:
+        """The configured limits, with the provider's own (``x-ratelimit-limit-*``, per
+        minute) for a kind the config leaves unlimited: so a fleet with no limit set is paced
+        by the provider's rate instead of bursting into 429s after every pause."""
+        asked, learned = self._asked, {}
+        limit_requests = self._provider.get("limit_requests")
+        limit_tokens = self._provider.get("limit_tokens")
+        if asked.requests_per_minute is None and limit_requests:
+            learned["requests_per_minute"] = float(limit_requests)
+        if asked.tokens_per_minute is None and limit_tokens:
+            learned["tokens_per_minute"] = float(limit_tokens)
+        return asked.model_copy(update=learned) if learned else asked
+
+    def limited(self) -> tuple[bool, bool]:
+        """Whether requests and tokens are limited now (configured or learned)."""
+        return (
+            self.config.requests_per_minute is not None,
+            self.config.tokens_per_minute is not None,
+        )
+
+    def view(self) -> tuple[float, bool, bool]:
+        """What a worker polls: the fleet's pause, and whether requests and tokens are limited
+        (a worker configured with no limit learns here that the provider's hold)."""
+        return (self.paused_s(), *self.limited())
 
     def _build(self) -> None:
         config = self.config
@@ -305,6 +332,15 @@ class RateLimiterState:
                 "limit_tokens": signal.limit_tokens,
                 "remaining_tokens": signal.remaining_tokens,
             }
+            effective = self._effective()
+            if effective != self.config:
+                logger.info(
+                    "limiter: the provider's limits hold where none is configured: %s rpm, %s tpm",
+                    effective.requests_per_minute,
+                    effective.tokens_per_minute,
+                )
+                self.config = effective
+                self._build()
         pause = pause_s(signal, self.config.share)
         if pause > 0 and now + pause > self._paused_until:
             self._paused_until = now + pause
@@ -329,6 +365,7 @@ class RateLimiterState:
             "paused_until": time.time() + paused if paused > 0 else None,
             "signals": self._signals,
             "clients": len(self._seen),
+            "learned": self.config != self._asked,
             "limits": {
                 "requests_per_minute": self.config.requests_per_minute,
                 "tokens_per_minute": self.config.tokens_per_minute,

@@ -247,7 +247,8 @@ def test_429s_5xx_and_dropped_connections_are_retried_in_place_and_nothing_is_lo
     """The provider (a stand-in in front of vLLM's server) allows 120 requests a minute and
     answers 429 with Retry-After and x-ratelimit-* over that; it also fails three requests
     with 503 and drops two connections. No limit is configured here: the provider's signals
-    alone slow the fleet, and every item completes on its first queue attempt."""
+    alone pace the fleet (its announced limit, Retry-After), and every item completes on its
+    first queue attempt."""
     from tests.support.ratelimit_proxy import start_proxy
 
     path = write_input(tmp_path / "in.jsonl", 40)
@@ -265,7 +266,10 @@ def test_429s_5xx_and_dropped_connections_are_retried_in_place_and_nothing_is_lo
     assert_exactly_once(summary, queue_db, "remote-429", 40)
     rows = read_results(summary.output).to_pylist()
     assert {r["attempts"] for r in rows} == {1}  # retried in place, no attempt charged
-    assert len(stats["refused"]) > 0  # the provider did say 429
+    # The provider did say 429: to the first wave (32 requests at once, 2 allowed), and now and
+    # then after; from its first answer on, its x-ratelimit-limit-requests paces the fleet
+    # (without that, 161 refusals in a run here).
+    assert 0 < len(stats["refused"]) <= 60
     assert len(stats["faulted"]) == 5
     ok = [r for r in stats["forwarded"] if r["status"] == 200]
     assert len(ok) == 40

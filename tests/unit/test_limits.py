@@ -552,3 +552,50 @@ def test_limiter_honours_a_pause_it_observed_and_tells_the_actor_once() -> None:
 
     assert asyncio.run(main()) == pytest.approx(0.3, abs=0.05)
     assert handle.state.stats()["signals"] == 1
+
+
+def test_with_no_limit_configured_the_providers_own_limits_hold() -> None:
+    clock = Clock()
+    limiter = state(clock)  # nothing configured
+    assert limiter.limited() == (False, False)
+    assert limiter.grant("a", 1, 0).granted  # unlimited: granted as asked
+    limiter.signal(
+        ProviderSignal(200, limit_requests=120, remaining_requests=119, limit_tokens=6000)
+    )
+    assert limiter.limited() == (True, True)
+    stats = limiter.stats()
+    assert stats["learned"] and stats["limits"]["requests_per_minute"] == 120
+    assert stats["limits"]["requests_capacity"] == 2.0  # 2/s, a 1 s burst
+    assert not limiter.configure(LimitsConfig())  # a worker connecting unlimited: kept
+    assert limiter.limited() == (True, True)
+    granted = 0
+    for _ in range(10):  # the bucket holds 2 requests, no more
+        grant = limiter.grant("a", 1, 0)
+        granted += grant.requests
+        if not grant.granted:
+            break
+    assert granted == 2
+    configured = state(clock, requests_per_minute=30)
+    configured.signal(ProviderSignal(200, limit_requests=120))
+    assert configured.stats()["limits"]["requests_per_minute"] == 30  # the config wins
+    assert configured.stats()["limits"]["tokens_per_minute"] is None
+
+
+def test_a_worker_configured_unlimited_learns_the_providers_limit_from_the_actor() -> None:
+    handle = InProcessHandle(RateLimiterState(LimitsConfig()))
+    limiter = Limiter(handle, LimitsConfig(), "w0")
+
+    async def main() -> list[float]:
+        await limiter.acquire(0)
+        limiter.observe(200, {"x-ratelimit-limit-requests": "600"})  # 10/s, capacity 10
+        await asyncio.sleep(0.6)  # past a pause poll
+        await limiter.acquire(0)
+        started, stamps = time.monotonic(), []
+        while time.monotonic() - started < 1.0:
+            await limiter.acquire(0)
+            stamps.append(time.monotonic())
+        return stamps
+
+    stamps = asyncio.run(main())
+    assert limiter.limited
+    assert 10 <= len(stamps) <= 10 + 10 + 1  # a full bucket and a second of the rate
