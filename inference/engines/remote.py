@@ -199,11 +199,55 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-class OpenAIEngine:
-    """Requests to an OpenAI-compatible API, ``engine.concurrency`` at a time."""
+def auth_headers(config: EngineConfig) -> dict[str, str]:
+    """The Authorization header from the variable ``engine.api_key_env`` names (none without
+    one); a named variable that is not set dooms the worker, never the items."""
+    if not config.api_key_env:
+        return {}
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise EngineFatalError(
+            f"engine.api_key_env names {config.api_key_env}, which is not set on this "
+            "worker (set it in the Ray job's runtime_env or the node's environment)"
+        )
+    return {"Authorization": f"Bearer {key}"}
+
+
+class RemoteEngine:
+    """What the remote engines share: no tokenizer here (the prompt's tokens are estimated),
+    every task the API serves, fed continuously."""
 
     continuous = True
     tasks = frozenset({"chat", "completion", "embedding"})
+
+    def prepare(self, request: Request) -> Prepared:
+        if request.task not in self.tasks:
+            raise PermanentError(f"{request.task} requests are not served here", code="unsupported")
+        return Prepared(
+            request=request, prompt_ids=[], prompt_estimate=estimate_prompt_tokens(request)
+        )
+
+    def run(self, batch: list[Prepared]) -> list[Result | ItemError]:
+        """Batch at a time (the contract's other half): submit all, wait for all."""
+        self.submit(batch)
+        results: dict[int, Result | ItemError] = {}
+        while len(results) < len(batch):
+            for item, result in self.step():
+                results[id(item)] = result
+        return [results[id(item)] for item in batch]
+
+    def in_flight_tokens(self) -> int:
+        return 0  # the remote fleet's memory is not ours to budget; the limiter holds tokens
+
+    def submit(self, items: list[Prepared]) -> list[tuple[Prepared, ItemError]]:
+        raise NotImplementedError
+
+    def step(self) -> list[tuple[Prepared, Result | ItemError]]:
+        raise NotImplementedError
+
+
+class OpenAIEngine(RemoteEngine):
+    """Requests to an OpenAI-compatible API, ``engine.concurrency`` at a time."""
 
     def __init__(
         self, config: EngineConfig, limits: LimitsConfig | None = None, client_id: str = ""
@@ -213,16 +257,7 @@ class OpenAIEngine:
         self.model_name = config.model
         self.max_batch_size = config.concurrency
         self.context_len = config.max_model_len or 1 << 30  # the provider checks it
-        headers = {}
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise EngineFatalError(
-                    f"engine.api_key_env names {config.api_key_env}, which is not set on this "
-                    "worker (set it in the Ray job's runtime_env or the node's environment)"
-                )
-            headers["Authorization"] = f"Bearer {key}"
-        self._headers = headers
+        self._headers = auth_headers(config)
         from inference.limits import Limiter, limiter_key  # Ray's side: the worker's only
 
         self._limiter = Limiter.connect(
@@ -251,28 +286,9 @@ class OpenAIEngine:
         )
 
     # ------------------------------------------------------------------ the contract
-    def prepare(self, request: Request) -> Prepared:
-        if request.task not in self.tasks:
-            raise PermanentError(f"{request.task} requests are not served here", code="unsupported")
-        return Prepared(
-            request=request, prompt_ids=[], prompt_estimate=estimate_prompt_tokens(request)
-        )
-
-    def run(self, batch: list[Prepared]) -> list[Result | ItemError]:
-        """Batch at a time (the contract's other half): submit all, wait for all."""
-        self.submit(batch)
-        results: dict[int, Result | ItemError] = {}
-        while len(results) < len(batch):
-            for item, result in self.step():
-                results[id(item)] = result
-        return [results[id(item)] for item in batch]
-
     def in_flight(self) -> int:
         with self._lock:
             return len(self._in_flight)
-
-    def in_flight_tokens(self) -> int:
-        return 0  # the remote fleet's memory is not ours to budget; the limiter holds tokens
 
     def submit(self, items: list[Prepared]) -> list[tuple[Prepared, ItemError]]:
         for item in items:

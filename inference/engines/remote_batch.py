@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -38,7 +37,8 @@ import ray
 from inference.config import EngineConfig
 from inference.engines.base import Prepared
 from inference.engines.remote import (
-    estimate_prompt_tokens,
+    RemoteEngine,
+    auth_headers,
     parse_response,
     provider_message,
     request_body,
@@ -91,11 +91,8 @@ def _item_id(item: Prepared) -> str:
     return str(item.extra["item_id"])
 
 
-class OpenAIBatchEngine:
+class OpenAIBatchEngine(RemoteEngine):
     """Items through a provider's Batch API, recorded in the queue's ledger."""
-
-    continuous = True
-    tasks = frozenset({"chat", "completion", "embedding"})
 
     def __init__(self, config: EngineConfig, pool: str = "", queue_handle: Any = None) -> None:
         assert config.base_url is not None  # the config checks it
@@ -105,15 +102,7 @@ class OpenAIBatchEngine:
         self.model_name = config.model
         self.max_batch_size = self.batch.max_lines * self.batch.max_open
         self.context_len = config.max_model_len or 1 << 30
-        headers = {}
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise EngineFatalError(
-                    f"engine.api_key_env names {config.api_key_env}, which is not set on this "
-                    "worker (set it in the Ray job's runtime_env or the node's environment)"
-                )
-            headers["Authorization"] = f"Bearer {key}"
+        headers = auth_headers(config)
         if queue_handle is None:
             from inference.queue.actor import get_queue
 
@@ -135,28 +124,10 @@ class OpenAIBatchEngine:
         self._thread.start()
 
     # ------------------------------------------------------------------ the contract
-    def prepare(self, request: Request) -> Prepared:
-        if request.task not in self.tasks:
-            raise PermanentError(f"{request.task} requests are not served here", "unsupported")
-        return Prepared(
-            request=request, prompt_ids=[], prompt_estimate=estimate_prompt_tokens(request)
-        )
-
-    def run(self, batch: list[Prepared]) -> list[Result | ItemError]:
-        self.submit(batch)
-        results: dict[int, Result | ItemError] = {}
-        while len(results) < len(batch):
-            for item, result in self.step():
-                results[id(item)] = result
-        return [results[id(item)] for item in batch]
-
     def in_flight(self) -> int:
         with self._lock:
             forming = sum(len(f.items) for f in self._forming.values())
             return forming + sum(len(o.items) for o in self._open.values())
-
-    def in_flight_tokens(self) -> int:
-        return 0
 
     def submit(self, items: list[Prepared]) -> list[tuple[Prepared, ItemError]]:
         by_job: dict[str, list[Prepared]] = {}
