@@ -213,6 +213,21 @@ def auth_headers(config: EngineConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+Finished = tuple[Prepared, Result | ItemError]
+
+
+def take_finished(done: queue.SimpleQueue[Finished], wait_s: float) -> list[Finished]:
+    """What has finished: the first within ``wait_s``, and all that came with it."""
+    finished = []
+    try:
+        finished.append(done.get(timeout=wait_s))
+        while True:
+            finished.append(done.get_nowait())
+    except queue.Empty:
+        pass
+    return finished
+
+
 class RemoteEngine:
     """What the remote engines share: no tokenizer here (the prompt's tokens are estimated),
     every task the API serves, fed continuously."""
@@ -299,13 +314,7 @@ class OpenAIEngine(RemoteEngine):
         return []
 
     def step(self) -> list[tuple[Prepared, Result | ItemError]]:
-        finished = []
-        try:
-            finished.append(self._done.get(timeout=_STEP_WAIT_S))
-            while True:
-                finished.append(self._done.get_nowait())
-        except queue.Empty:
-            pass
+        finished = take_finished(self._done, _STEP_WAIT_S)
         if self._fatal is not None:
             # Hand the finished ones back as aborted too: the worker releases them uncharged.
             raise EngineFatalError(self._fatal)

@@ -42,6 +42,7 @@ from inference.engines.remote import (
     parse_response,
     provider_message,
     request_body,
+    take_finished,
 )
 from inference.errors import EngineFatalError, ItemError, PermanentError, TransientError
 from inference.faults import fault
@@ -146,13 +147,7 @@ class OpenAIBatchEngine(RemoteEngine):
         return []
 
     def step(self) -> list[tuple[Prepared, Result | ItemError]]:
-        finished = []
-        try:
-            finished.append(self._done.get(timeout=_STEP_WAIT_S))
-            while True:
-                finished.append(self._done.get_nowait())
-        except queue.Empty:
-            pass
+        finished = take_finished(self._done, _STEP_WAIT_S)
         if self._fatal is not None:
             self._unreported.extend(item for item, _ in finished)  # abort hands them back
             raise EngineFatalError(self._fatal)
@@ -164,7 +159,7 @@ class OpenAIBatchEngine(RemoteEngine):
             held += [p for o in self._open.values() for p in o.items.values()]
             self._forming.clear()
             self._open.clear()
-        held += [item for item, _ in self._drain_done()]
+        held += [item for item, _ in take_finished(self._done, 0.0)]
         held += self._unreported
         self._unreported = []
         return held
@@ -201,14 +196,6 @@ class OpenAIBatchEngine(RemoteEngine):
         forming.items.append(item)
         forming.lines.append(line)
         forming.nbytes += len(line) + 1
-
-    def _drain_done(self) -> list[tuple[Prepared, Result | ItemError]]:
-        out = []
-        try:
-            while True:
-                out.append(self._done.get_nowait())
-        except queue.Empty:
-            return out
 
     # ------------------------------------------------------------------ the batch thread
     def _run(self) -> None:
