@@ -305,7 +305,7 @@ def scenario(work: Path) -> dict[str, Any]:
     family = _wait(  # it is loading: its engine core has started its ranks
         "the lost worker's ranks",
         lambda: (f := _vllm_family(pid)) and any("Worker" in n for n in f.values()) and f,
-        120,
+        240,  # once in a full-suite run, 120 s was not enough (its first worker took 31 s)
     )
     ray.kill(member.handle, no_restart=True)
     ended = _wait("the lost worker reaped", lambda: pool.check(replace=False), 30)
