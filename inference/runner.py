@@ -129,6 +129,7 @@ def _chunks(
 def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
     not_before = config.schedule.not_before.timestamp() if config.schedule.not_before else 0.0
     _fs, base, is_local = resolve_fs(output_root)
+    token_prices = config.token_prices()
     return JobSpec(
         job_id=job_id,
         pool=config.engine.model,
@@ -148,7 +149,7 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
             "model": config.engine.model,
             "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
             **({"models": model_prices(config)} if config.engines else {}),
-            **({"token_prices": config.token_prices()} if config.token_prices() else {}),
+            **({"token_prices": token_prices} if token_prices else {}),
         },
     )
 
@@ -368,18 +369,19 @@ def _dead_codes(queue: Any, job_id: str) -> dict[str, int]:
 
 def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
     busy_s = float(stats["busy_s"])
+    token_prices = config.token_prices()
     fields = {
         "state": "completed",
         "finished_at": datetime.now(UTC).isoformat(),
         "busy_s": busy_s,
-        "cost": job_cost(stats, config.scaling.cost_per_gpu_hour, config.token_prices())[0],
+        "cost": job_cost(stats, config.scaling.cost_per_gpu_hour, token_prices)[0],
         "model": config.engine.model,
         "lease_expiries": stats["lease_expiries"],
     }
     if stats.get("remote_batches"):  # an openai_batch engine's provider batches
         fields["remote_batches"] = stats["remote_batches"]
     if config.engines:
-        models = model_shares(stats.get("pools", {}), model_prices(config), config.token_prices())
+        models = model_shares(stats.get("pools", {}), model_prices(config), token_prices)
         fields["models"] = models
         fields["model"] = list(models)
         fields["cost"] = sum(m["cost"] for m in models.values())
