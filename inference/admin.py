@@ -1,7 +1,9 @@
 """What the operator commands (`inference status | cancel | dlq | export`) need: the WorkQueue of
 the running cluster (``RAY_ADDRESS``), or, when no cluster runs (an embedded `inference run` has
-ended), the queue's database opened directly. Only one of the two may write at a time: with a
-cluster running, always go through it."""
+ended), the queue's database opened directly. Only one of the two may write at a time: a command
+that writes (cancel, redrive) takes the database's owner lock, which a live WorkQueue holds, and
+refuses (saying to set ``RAY_ADDRESS``) while it is held; one that only reads (status, dlq list,
+export) opens the file read-only and never writes it."""
 
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from inference.shards import JobOutput
 class QueueAccess:
     """Calls on the WorkQueue actor, or on the store itself when no cluster runs."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, write: bool = False) -> None:
         from inference.runner import queue_db_path
 
         self._actor: Any = None
         self._store: Any = None
+        self._lock: int | None = None
         if os.environ.get("RAY_ADDRESS"):
             from inference.cluster import connect
             from inference.queue.actor import get_queue
@@ -34,12 +37,15 @@ class QueueAccess:
             connect()
             self._actor = get_queue()
         else:
+            from inference.queue.db import hold_owner_lock
             from inference.queue.store import QueueStore
 
             path = Path(queue_db_path(config, config.output.path))
             if not path.is_file():
                 raise QueueError(f"no queue database at {path} (set --output or queue.db_path)")
-            self._store = QueueStore(path)
+            if write:
+                self._lock = hold_owner_lock(path)  # held until this process ends
+            self._store = QueueStore(path, read_only=not write)
 
     def call(self, method: str, *args: Any) -> Any:
         if self._actor is not None:

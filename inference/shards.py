@@ -2,17 +2,20 @@
 
 Layout of a job (``<root>/<job_id>/``)::
 
-    data/part-<n>.parquet     committed shards (or .arrow)
-    errors/part-<n>.parquet   dead letters
-    _tmp/                     shards being written (never read)
-    _manifest.json            the committed shards, written on finalize
-    job.json                  the job summary
+    data/part-<n>-<r>.parquet   committed shards (or .arrow); <r> is random, so a rerun of a
+                                job id against a fresh queue database never reuses a name
+    errors/part-<n>.parquet     dead letters
+    _tmp/                       shards being written (never read)
+    _manifest.json              the committed shards, written on finalize
+    job.json                    the job summary
 
 Commit protocol (the WorkQueue is the coordinator): a worker declares shard ``n`` for its leased
 items, writes it under ``_tmp/`` and fsyncs it; the queue, in one actor turn, checks that every
-lease is still held, renames the file into ``data/`` (atomic on a local disk) and completes the
-items. On an object store the worker writes the final name once and the queue's manifest is the
-commit point. Either way no reader sees a partial shard.
+lease is still held, moves the file into ``data/`` and completes the items. The move never
+replaces a file: a hard link (atomic, and it fails if the name exists) on a local disk; on an
+object store, where there is no rename, a server-side copy to the fresh name (an object appears
+whole or not at all) and the temporary's removal. So ``data/`` holds committed shards only, at
+every moment and on every file system: no reader sees a partial or uncommitted shard.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import functools
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.feather as feather
 import pyarrow.fs as pafs
@@ -89,13 +94,12 @@ class JobOutput:
         return f"{root.rstrip('/')}/{self.job_id}" + (f"?{query}" if query else "")
 
     def data_path(self, n: int | str) -> str:
-        return f"{self.base}/data/part-{_n(n)}{_SUFFIX[self.format]}"
+        """Shard ``n``'s committed name (``n`` may be the queue's ``{n}`` template): unique, so
+        that no run of the job, in any queue database, can land on another's shard."""
+        return f"{self.base}/data/part-{_n(n)}-{uuid.uuid4().hex[:8]}{_SUFFIX[self.format]}"
 
     def tmp_path(self, n: int | str) -> str:
-        """Where shard ``n`` is written before it is committed. On an object store the final
-        name is written once (no rename exists there); the manifest decides what counts."""
-        if not self.is_local:
-            return self.data_path(n)
+        """Where shard ``n`` is written before it is committed."""
         return f"{self.base}/_tmp/part-{_n(n)}.{uuid.uuid4().hex[:12]}{_SUFFIX[self.format]}.tmp"
 
     def scratch_path(self, name: str) -> str:
@@ -149,15 +153,71 @@ class JobOutput:
             _write(table, stream, self.format)
         return int(self.fs.get_file_info(path).size)
 
-    def publish(self, tmp_path: str, final_path: str) -> None:
-        """Make a written shard visible: atomic rename plus a directory fsync on a local disk;
-        nothing to do on an object store (the final name was written once)."""
+    def write_tables(self, tables: Iterator[pa.Table], schema: pa.Schema, path: str) -> int:
+        """Write tables one after the other into one durable file (a row group or record batch
+        each), holding one in memory at a time; returns the rows written. No rows: no file."""
+        self.check_inside(path)
+        rows = 0
+        writer: Any = None
+        try:
+            with contextlib.ExitStack() as stack:
+                for table in tables:
+                    if not table.num_rows:
+                        continue
+                    if writer is None:
+                        sink = stack.enter_context(self.fs.open_output_stream(path))
+                        writer = stack.enter_context(_writer(sink, schema, self.format))
+                    writer.write_table(table)
+                    rows += table.num_rows
+            if writer is not None and self.is_local:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(path)  # a failed write leaves no partial file behind
+            raise
+        return rows
+
+    def publish(self, tmp_path: str, final_path: str, *, replace: bool = False) -> None:
+        """Make a written file visible under ``final_path``, never replacing one that is there
+        (unless ``replace``, for files rewritten whole, such as the dead letters): a hard link
+        and a directory fsync on a local disk, then the temporary goes; on an object store a
+        server-side copy. A name that exists raises :class:`OutputError`."""
         if tmp_path == final_path:
             return
         self.check_inside(tmp_path)
         self.check_inside(final_path)
-        os.rename(tmp_path, final_path)
+        if not self.is_local:
+            if not replace and self.exists(final_path):
+                raise OutputError(f"{final_path!r} exists; a shard is never replaced")
+            self.fs.copy_file(tmp_path, final_path)
+            self.fs.delete_file(tmp_path)
+            return
+        if replace:
+            os.rename(tmp_path, final_path)
+        else:
+            try:
+                os.link(tmp_path, final_path)  # fails with EEXIST: never replaces
+            except FileExistsError:
+                raise OutputError(f"{final_path!r} exists; a shard is never replaced") from None
+            os.unlink(tmp_path)
         _fsync_dir(os.path.dirname(final_path))
+
+    def shard_facts(self, path: str) -> tuple[int, int, dict[str, float]]:
+        """(rows, bytes, token usage) of a published shard, read from the file itself: what
+        recovery records for a shard whose commit the crash interrupted."""
+        fmt = "ipc" if path.endswith(".arrow") else "parquet"
+        table = pads.dataset(path, filesystem=self.fs, format=fmt, schema=RESULT_SCHEMA).to_table(
+            columns=["prompt_tokens", "completion_tokens"]
+        )
+        usage = {
+            name: float(pc.sum(table.column(name)).as_py() or 0)
+            for name in ("prompt_tokens", "completion_tokens")
+        }
+        return table.num_rows, int(self.fs.get_file_info(path).size), usage
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type == pafs.FileType.File
@@ -167,15 +227,15 @@ class JobOutput:
             self.fs.delete_file(path)
 
     def remove_temporaries(self) -> int:
-        """Delete what is left in ``_tmp/`` (writers that died). Call only when no writer of this
-        job is running, e.g. at queue recovery."""
-        if not self.is_local:
-            return 0
-        tmp = Path(f"{self.base}/_tmp")
+        """Delete what is left in ``_tmp/`` (writers that died, failed publishes). Call when no
+        shard of this job is declared, e.g. at queue recovery: a writer still running then finds
+        its file gone and its shard refused."""
+        selector = pafs.FileSelector(f"{self.base}/_tmp", allow_not_found=True)
         removed = 0
-        if tmp.is_dir():
-            for leftover in tmp.iterdir():
-                leftover.unlink()
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(info.path)
                 removed += 1
         return removed
 
@@ -195,8 +255,16 @@ class JobOutput:
 
 
 def _n(n: int | str) -> str:
-    """Shard numbers are six digits; a ``{n}`` template (filled in by the queue) gets the same."""
-    return f"{n:06d}" if isinstance(n, int) else n.replace("{n}", "{n:06d}")
+    """Shard numbers are six digits; a ``{n}`` template is filled in by the queue
+    (:func:`fill_shard_number`)."""
+    return f"{n:06d}" if isinstance(n, int) else n
+
+
+def fill_shard_number(template: str, n: int) -> str:
+    """Put shard number ``n`` in a path template's last ``{n}`` (the file name's): the rest of
+    the path is the user's and may hold braces of its own."""
+    head, sep, tail = template.rpartition("{n}")
+    return f"{head}{n:06d}{tail}" if sep else template
 
 
 def _write(table: pa.Table, sink: Any, fmt: str) -> None:
@@ -204,6 +272,12 @@ def _write(table: pa.Table, sink: Any, fmt: str) -> None:
         pq.write_table(table, sink, compression="zstd")
     else:
         feather.write_feather(table, sink, compression="zstd")
+
+
+def _writer(sink: Any, schema: pa.Schema, fmt: str) -> Any:
+    if fmt == "parquet":
+        return pq.ParquetWriter(sink, schema, compression="zstd")
+    return pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
 
 
 def _fsync_dir(path: str) -> None:

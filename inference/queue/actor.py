@@ -11,6 +11,7 @@ instead of one pickle per element); callers may pass plain lists too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -21,9 +22,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from inference.errors import OutputError, QueueError, StorageError
+from inference.errors import OutputError, QueueError
 from inference.faults import fault
 from inference.heap import freeze_startup_heap
+from inference.queue.db import hold_owner_lock
 from inference.queue.remote import RemoteLedger
 from inference.queue.store import (
     EnqueueResult,
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "inference"
 QUEUE_NAME = "WorkQueue"
+OWNER_WAIT_S = 30.0  # how long a (re)started WorkQueue waits for its database's owner lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,11 @@ class WorkQueue:
 
     def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
         logging.basicConfig(level=logging.INFO)
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        # The one writer of this database for as long as the actor lives (operator commands
+        # without a cluster address refuse to write it meanwhile). A restarted actor may wait
+        # for its predecessor's process to be gone.
+        self._owner_lock = hold_owner_lock(Path(db_path), wait_s=OWNER_WAIT_S)
         self._store = QueueStore(db_path)
         self._remote = RemoteLedger(self._store.db)
         self._max_item_bytes = max_item_bytes
@@ -83,11 +91,18 @@ class WorkQueue:
         rearmed = self._store.rearm_leases()
         for shard in self._store.declared_shards():
             output = self._output(shard["job_id"])
-            if output.exists(shard["path"]) and output.is_local:
-                # The rename happened and the crash came before the items' transaction: the
-                # leases were valid at the rename (checked in the same turn), so complete them.
+            if output.exists(shard["path"]):
+                # The publish happened and the crash came before the items' transaction: the
+                # leases were valid at the publish (checked in the same turn), so complete them,
+                # with the rows, bytes and tokens the file itself holds.
+                rows, nbytes, usage = output.shard_facts(shard["path"])
                 self._store.commit_shard(
-                    shard["job_id"], shard["n"], rows=-1, nbytes=-1, check_leases=False
+                    shard["job_id"],
+                    shard["n"],
+                    rows=rows,
+                    nbytes=nbytes,
+                    usage=usage,
+                    check_leases=False,
                 )
                 logger.info(
                     "recovery: shard %s/%d was published; items completed",
@@ -195,6 +210,8 @@ class WorkQueue:
         try:
             output.publish(shard["tmp_path"], shard["path"])
         except (OSError, OutputError) as exc:
+            with contextlib.suppress(OSError, OutputError):
+                output.remove(shard["tmp_path"])  # a failed publish leaves no temporary
             self._store.abort_shard(job_id, n)
             return CommitResult(False, [], f"publish failed: {exc}")
         _fault("after_publish")
@@ -202,16 +219,15 @@ class WorkQueue:
             self._store.commit_shard(
                 job_id, n, rows=rows, nbytes=nbytes, usage=usage, check_leases=False
             )
-        except StorageError as exc:
+        except QueueError as exc:  # storage failed, or the items were not as the mirror said
             return self._unpublish(output, shard, exc)
         _fault("after_complete")
         return CommitResult(True, [])
 
-    def _unpublish(
-        self, output: JobOutput, shard: dict[str, Any], exc: StorageError
-    ) -> CommitResult:
-        """The items' transaction failed after the rename (disk full, I/O error). Unless the
-        database shows it committed after all, the items are still leased and will be done
+    def _unpublish(self, output: JobOutput, shard: dict[str, Any], exc: QueueError) -> CommitResult:
+        """The items' transaction failed after the publish (disk full, I/O error, or the
+        database did not hold the leases the mirror promised: the store has resynced). Unless
+        the database shows it committed after all, the items are not done and will be done
         again: take the shard back, or its rows would be in the output twice. (A crash at this
         point instead is settled by :meth:`_recover`.)"""
         job_id, n = shard["job_id"], shard["n"]
@@ -237,8 +253,10 @@ class WorkQueue:
     def dead_letters(self, job_id: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
         return self._store.dead_letters(job_id, limit, after)
 
-    def redrive(self, job_id: str, item_ids: Sequence[str] | None = None) -> int:
-        return self._store.redrive(job_id, item_ids)
+    def redrive(
+        self, job_id: str, item_ids: Sequence[str] | None = None, batch_ok: bool = False
+    ) -> int:
+        return self._store.redrive(job_id, item_ids, batch_ok)
 
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
         stats = self._store.stats(job_id)

@@ -12,17 +12,25 @@ Settings, and why:
   insert and delete on every lease, extend and completion and serve no query.
 
 ``PRAGMA user_version`` records the schema version; :func:`connect` migrates older files.
+
+One writer: the process that owns the database (the WorkQueue actor, or an operator command when
+no cluster runs) holds an exclusive ``flock`` on ``<db>.owner`` for as long as it may write
+(:func:`hold_owner_lock`). The kernel drops it when the process dies, so a crash never leaves a
+stale lock. Read-only opens (``inference status``) take no lock and never write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.errors import StorageError
+from inference.errors import QueueError, StorageError
 
 PENDING, LEASED, DONE, DEAD, WAITING = 0, 1, 2, 3, 4
 """Item states. ``WAITING`` is pending in a retry backoff (``not_before`` in the future); it is
@@ -104,6 +112,49 @@ CREATE TABLE IF NOT EXISTS pool_usage(
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS items_pending_pool ON items(job_id, pool, priority, id) WHERE state = 0;
 """
+
+
+class DatabaseOwned(QueueError):
+    """Another live process owns the queue database (a running WorkQueue)."""
+
+
+def hold_owner_lock(path: Path, wait_s: float = 0.0) -> int:
+    """Take the database's owner lock, waiting up to ``wait_s``; returns the descriptor that
+    holds it (close it to let go). Raises :class:`DatabaseOwned` when it stays held."""
+    fd = os.open(f"{path}.owner", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DatabaseOwned(
+                    f"the queue database {path} is owned by a running WorkQueue; set"
+                    " RAY_ADDRESS to its cluster's address so the command goes through it"
+                ) from None
+            time.sleep(0.1)
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open the queue database for reading only: no schema change, no migration, no write."""
+    try:
+        db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA query_only=ON")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the queue database {path}: {exc}") from exc
+    if version != SCHEMA_VERSION:
+        db.close()
+        raise StorageError(
+            f"the queue database {path} has schema {version}, this version reads"
+            f" {SCHEMA_VERSION}: open it once with a command that may write to migrate it"
+        )
+    return db
 
 
 def connect(path: Path, wall_s: float) -> sqlite3.Connection:

@@ -47,6 +47,37 @@ class JobSpec:
         )
 
 
+# What a resumed job must keep: where its items are leased from (the pool: a model named
+# differently would wait forever for a worker that serves it), their order, their schedule, and
+# where and how the output lands. Everything else (attempts, backoff, shard sizes, prices) may
+# change on resume, and the resumed run uses the new values.
+RESUME_FIXED = ("pool", "priority", "not_before", "windows", "timezone")
+RESUME_FIXED_SETTINGS = ("output_path", "output_format", "model", "models")
+
+
+def _plain(value: Any) -> Any:
+    """As stored (JSON): tuples become lists."""
+    return json.loads(json.dumps(value))
+
+
+def resume_conflicts(old: JobSpec, new: JobSpec) -> list[str]:
+    """The fields in which ``new`` differs from the stored ``old`` and that a resume may not
+    change, as dotted names with both values (``pool: 'tiny-llama' != 'models/tiny-llama'``)."""
+    diffs = []
+    for name in RESUME_FIXED:
+        was, now = _plain(getattr(old, name)), _plain(getattr(new, name))
+        if was != now:
+            diffs.append(f"{name}: {was!r} != {now!r}")
+    for name in RESUME_FIXED_SETTINGS:
+        was, now = _plain(old.settings.get(name)), _plain(new.settings.get(name))
+        if name == "models":  # the pools and their served names; prices may change
+            was = {p: v[0] for p, v in (was or {}).items()}
+            now = {p: v[0] for p, v in (now or {}).items()}
+        if was != now:
+            diffs.append(f"settings.{name}: {was!r} != {now!r}")
+    return diffs
+
+
 class NewItem(NamedTuple):
     """An item to enqueue. ``payload`` is a JSON object as text; ``priority`` None: the job's;
     ``pool`` None: the job's (the engine pool whose workers lease it)."""

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.errors import QueueError
+from inference.errors import JobConflict, QueueError
 from inference.queue import reports
 from inference.queue.admission import admit
 from inference.queue.backoff import backoff_s
@@ -48,6 +48,7 @@ from inference.queue.db import (
     WAITING,
     Transaction,
     connect,
+    connect_read_only,
     json_checker,
 )
 from inference.queue.fairness import fair_shares, fit_token_budget
@@ -61,8 +62,10 @@ from inference.queue.records import (
     Packed,
     Refusal,
     TokenCheck,
+    resume_conflicts,
 )
 from inference.schema import CUSTOM_ID
+from inference.shards import fill_shard_number
 
 __all__ = [
     "DEAD",
@@ -115,13 +118,20 @@ class QueueStore:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        read_only: bool = False,
     ) -> None:
+        """``read_only``: for looking (``inference status``): no migration, no sweep, and any
+        call that would change the database fails with :class:`StorageError`."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._clock = clock
         self._wall = wall
         self._rng = rng or random.Random()
-        self._db = connect(self.path, wall())
+        if read_only:
+            self._db = connect_read_only(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = connect(self.path, wall())
         self._all_json = json_checker(self._db)
         self._m = Mirror()
         self._rr: Counter[int] = Counter()  # round-robin cursor per priority
@@ -166,6 +176,8 @@ class QueueStore:
         """Expire passed leases and wake items whose backoff ended, when (and only when) a
         clock has passed the earliest known deadline; returns now on the monotonic clock."""
         now = self._clock()
+        if self.read_only:
+            return now  # a look changes nothing: leases expire when the owner sweeps
         if now >= self._next_expiry:
             self._expire(now)
         wall = self._wall()
@@ -210,12 +222,15 @@ class QueueStore:
 
     # ----------------------------------------------------------------- jobs
     def create_job(self, spec: JobSpec) -> bool:
-        """Register a job; returns False when it exists already (a resume)."""
-        if not CUSTOM_ID.match(spec.job_id):
+        """Register a job; returns False when it exists already (a resume). A resume may change
+        what :data:`RESUME_FIXED` does not name (the new values hold from now on); one that
+        changes the pool, priority, schedule or output raises :class:`JobConflict`."""
+        if not CUSTOM_ID.match(spec.job_id) or spec.job_id in (".", ".."):
             raise QueueError(f"job id {spec.job_id!r} must match {CUSTOM_ID.pattern}")
         if spec.max_attempts < 1:
             raise QueueError(f"max_attempts must be at least 1, not {spec.max_attempts}")
         if spec.job_id in self._m.jobs:
+            self._resume(self._m.jobs[spec.job_id], spec)
             return False
         now = self._wall()
         with self._tx():
@@ -227,6 +242,18 @@ class QueueStore:
         self._m.jobs[spec.job_id] = Job(spec=spec, state="active", created_at=now)
         logger.info("job created job=%s pool=%s priority=%d", spec.job_id, spec.pool, spec.priority)
         return True
+
+    def _resume(self, job: Job, spec: JobSpec) -> None:
+        conflicts = resume_conflicts(job.spec, spec)
+        if conflicts:
+            raise JobConflict(spec.job_id, conflicts)
+        if spec.to_json() != job.spec.to_json():
+            with self._tx():
+                self._db.execute(
+                    "UPDATE jobs SET spec = ? WHERE job_id = ?", (spec.to_json(), spec.job_id)
+                )
+            job.spec = spec
+            logger.info("job resumed with new settings job=%s", spec.job_id)
 
     def job_spec(self, job_id: str) -> JobSpec:
         return self._m.job(job_id).spec
@@ -660,8 +687,8 @@ class QueueStore:
                 (
                     job_id,
                     n,
-                    path.format(n=n),
-                    tmp_path.format(n=n),
+                    fill_shard_number(path, n),
+                    fill_shard_number(tmp_path, n),
                     json.dumps([(i, h.epoch) for i, h in held]),
                     worker,
                     self._wall(),
@@ -692,13 +719,29 @@ class QueueStore:
         With ``check_leases=False`` the caller checked (under the same actor turn, before the
         publish) that the leases are held, so a deadline passed since does not count; an item
         is still completed only under the epoch the shard names."""
+        try:
+            self._commit_shard(job_id, n, rows, nbytes, usage or {}, check_leases)
+        except _Diverged as exc:
+            # The file and the mirror disagree: reload from the file and fence again. The
+            # shard commits only if the database, too, holds every one of its leases.
+            self._resync(str(exc))
+            self._commit_shard(job_id, n, rows, nbytes, usage or {}, check_leases)
+
+    def _commit_shard(
+        self,
+        job_id: str,
+        n: int,
+        rows: int,
+        nbytes: int,
+        usage: dict[str, float],
+        check_leases: bool,
+    ) -> None:
         tokens = self.shard(job_id, n)["tokens"]
         now = self._sweep() if check_leases else self._clock()
         held, refused = self._fence(tokens, now, check_deadline=check_leases)
-        if check_leases and refused:
+        if refused:
             raise QueueError(f"shard {n} of {job_id}: {len(refused)} lease(s) no longer held")
         job = self._m.job(job_id)
-        usage = usage or {}
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", 0))
         busy_s = float(usage.get("busy_s", 0.0))
@@ -748,12 +791,20 @@ class QueueStore:
         self._sweep()
         return reports.dead_letters(self._db, job_id, limit, after)
 
-    def redrive(self, job_id: str, item_ids: Sequence[str] | None = None) -> int:
+    def redrive(
+        self, job_id: str, item_ids: Sequence[str] | None = None, batch_ok: bool = False
+    ) -> int:
         """Dead letters back to pending with a fresh attempt budget (history and the counts by
-        cause are kept). Only dead items move: one completed meanwhile stays completed."""
+        cause are kept). Only dead items move: one completed meanwhile stays completed. An
+        OpenAI batch's only with ``batch_ok``: the Controller's, which keeps its files whole."""
         job = self._m.job(job_id)
         if job.state == "cancelled":
             raise QueueError(f"job {job_id!r} is cancelled; resume is not possible")
+        if job.spec.settings.get("kind") == "openai_batch" and not batch_ok:
+            raise QueueError(
+                f"job {job_id!r} is an OpenAI batch: redrive it through the server"
+                f" (POST /v1/jobs/{job_id}/redrive), which keeps its output files whole"
+            )
         query = (
             "UPDATE items SET state = 0, attempts = 0, not_before = 0, error_kind = NULL,"
             " error_code = NULL, error_message = NULL, finished_at = NULL,"

@@ -16,6 +16,7 @@ from inference import errors
         errors.PermanentError("too long", code="context_length_exceeded"),
         errors.EngineFatalError("engine dead"),
         errors.OutputError("cannot write"),
+        errors.WorkerError("writer thread failed"),
     ],
 )
 def test_errors_survive_pickling_across_processes(exc: Exception) -> None:

@@ -171,7 +171,8 @@ def test_a_shard_written_before_the_choices_column_still_reads(tmp_path: Path, f
     del old_row["choices"]
     out = JobOutput(str(tmp_path), "j", fmt)
     out.makedirs()
-    out.write_table(pa.Table.from_pylist([old_row], schema=old_schema), out.data_path(0))
+    old_path = out.data_path(0)
+    out.write_table(pa.Table.from_pylist([old_row], schema=old_schema), old_path)
     out.write_table(results_table([_row("new", _result())]), out.data_path(1))
 
     table = read_results(out.base)
@@ -180,7 +181,7 @@ def test_a_shard_written_before_the_choices_column_still_reads(tmp_path: Path, f
     rows = {row["custom_id"]: row for row in iter_rows(out.base)}
     assert rows["old"]["choices"] is None and rows["old"]["output_text"] == "text old"
     assert len(rows["new"]["choices"]) == 2
-    found = find_result(out, out.data_path(0), "old")
+    found = find_result(out, old_path, "old")
     assert found is not None and found["choices"] is None
     lines = [json.loads(line) for line in b"".join(output_jsonl(out.base)).splitlines()]
     assert [len(line["response"]["body"]["choices"]) for line in lines] == [1, 2]
