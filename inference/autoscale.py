@@ -36,7 +36,7 @@ from typing import Any
 import ray
 
 from inference.config import Config, ScalingConfig, overflow_pool
-from inference.pool import WorkerPool, free_placement, placement_bundles
+from inference.pool import STOP_GRACE_S, WorkerPool, free_placement, placement_bundles
 from inference.scaler import (
     Backlog,
     Decision,
@@ -53,7 +53,6 @@ from inference.scaler import (
 
 logger = logging.getLogger(__name__)
 
-STOP_GRACE_S = 30.0  # after stop(), how long a worker may take to hand back and exit
 PLACEMENT_GRACE_S = 2.0  # a worker this young may not show in the available resources yet
 THROUGHPUT_HALFLIFE_S = 60.0
 

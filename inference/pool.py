@@ -17,6 +17,8 @@ from inference.worker import InferenceWorker
 
 logger = logging.getLogger(__name__)
 
+STOP_GRACE_S = 30.0  # after stop(), how long a worker may take to hand back and exit
+
 
 @dataclass
 class _Member:
@@ -57,13 +59,18 @@ def free_placement(member: _Member) -> None:
 class WorkerPool:
     """Workers leasing from one pool of the WorkQueue. The caller owns the pool's size."""
 
-    def __init__(self, config: Config, pool: str, queue: Any) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, pool: str, queue: Any, runtime_env: dict[str, Any] | None = None
+    ) -> None:
+        """``runtime_env``: Ray's, for the workers' processes (environment variables, say)."""
+        # Workers get the job's config without the API's secrets (the server's tokens).
+        self.config = config.model_copy(update={"api": config.api.redacted()})
         self.pool = pool
         self.queue = queue
         self.members: dict[str, _Member] = {}
         self.lost = 0
         self.fatal_errors: list[str] = []
+        self.runtime_env = runtime_env
 
     def start(self, count: int) -> None:
         for _ in range(count):
@@ -95,6 +102,7 @@ class WorkerPool:
             num_cpus=scaling.cpus_per_worker,
             max_concurrency=4,
             max_restarts=0,
+            **({"runtime_env": self.runtime_env} if self.runtime_env else {}),
             **placement,
         ).remote(worker_id, self.config, self.pool)
         self.members[worker_id] = _Member(worker_id, handle, handle.run.remote(), group)
@@ -130,16 +138,29 @@ class WorkerPool:
                 self._start_one()
         return ended
 
-    def drain(self, timeout_s: float = 120.0) -> None:
-        """Ask every worker to drain and wait for it; kill the ones that do not finish."""
+    def drain(self, timeout_s: float | None = None, grace_s: float = STOP_GRACE_S) -> None:
+        """Ask every worker to drain, and wait ``scaling.drain_timeout_s`` (or ``timeout_s``).
+        A worker still busy then is stopped: what it holds goes back with no attempt charged
+        (it was asked to go; not the items' fault), and after a grace it is killed. A worker
+        whose run failed is a lost worker: its leases are released with an attempt charged."""
+        wait_s = self.config.scaling.drain_timeout_s if timeout_s is None else timeout_s
         members = list(self.members.values())
         for m in members:
             m.handle.drain.remote()
         if members:
-            ray.wait([m.run_ref for m in members], num_returns=len(members), timeout=timeout_s)
+            ray.wait([m.run_ref for m in members], num_returns=len(members), timeout=wait_s)
+        late = [m for m in members if not ray.wait([m.run_ref], timeout=0)[0]]
+        for m in late:
+            logger.warning("worker drain timed out worker=%s: handing back", m.worker_id)
+            m.handle.stop.remote()
+        if late:
+            ray.wait([m.run_ref for m in late], num_returns=len(late), timeout=grace_s)
         for m in members:
             try:
                 ray.get(m.run_ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(m.handle)  # first, so that it commits nothing after the release
+                ray.get(self.queue.release_worker.remote(m.worker_id, "drained"))
             except Exception as exc:
                 logger.warning("worker %s ended with %s", m.worker_id, type(exc).__name__)
                 ray.get(self.queue.release_worker.remote(m.worker_id))

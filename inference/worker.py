@@ -17,7 +17,11 @@ Three threads, so the engine never waits on the queue or on storage:
 not finished (no attempt charged) and returns. When the engine dies (engine-fatal), what was
 computed is still committed, everything else the worker holds goes back to the queue with no
 attempt charged (cause ``engine_fatal``: the engine's fault, not the items'), and ``run``
-raises so that the pool replaces the worker.
+raises so that the pool replaces the worker. When one of the worker's own threads fails (any
+exception from a queue call, a write, a bug), the worker stops at once rather than lease and
+heartbeat what it can no longer commit: what it holds is failed back to the queue with the
+reason (an attempt charged, so a cause that repeats ends in the dead letters) and ``run`` raises
+:class:`~inference.errors.WorkerError`, which the pool counts as a lost worker and replaces.
 """
 
 from __future__ import annotations
@@ -38,8 +42,14 @@ import ray
 from inference.batching import Batcher
 from inference.config import Config
 from inference.engines import ContinuousEngine, Prepared, is_continuous, make_engine
-from inference.errors import EngineFatalError, InferenceError, ItemError, PermanentError
-from inference.faults import fault
+from inference.errors import (
+    EngineFatalError,
+    InferenceError,
+    ItemError,
+    PermanentError,
+    WorkerError,
+)
+from inference.faults import arm_item_faults, fault
 from inference.heap import freeze_startup_heap
 from inference.packing import run_packed
 from inference.queue.actor import get_queue
@@ -74,7 +84,9 @@ class InferenceWorker:
         self.pool = pool
         self.lease_s = config.queue.lease_s
         self.queue = get_queue()
-        self.engine = make_engine(config.engine, config.batching, config.limits, worker_id, pool)
+        self.engine = arm_item_faults(
+            make_engine(config.engine, config.batching, config.limits, worker_id, pool)
+        )
         b = config.batching
         size = self.engine.max_batch_size
         if not config.engine.remote:  # a remote engine's in-flight limit is its concurrency
@@ -104,6 +116,7 @@ class InferenceWorker:
             "last_batch_tokens": 0,
         }
         self._fatal: str | None = None
+        self._failure: str | None = None  # a thread of the worker failed: the worker must go
         self.node = socket.gethostname()
         freeze_startup_heap()  # the engine and its model live as long as the worker
         logger.info("worker ready worker=%s pool=%s pid=%d", worker_id, pool, os.getpid())
@@ -124,7 +137,7 @@ class InferenceWorker:
             "buffered": len(self.batcher),
             "in_flight": self.engine.in_flight() if self.continuous else 0,  # type: ignore[attr-defined]
             "gpus": ray.get_gpu_ids(),
-            "fatal": self._fatal,
+            "fatal": self._fatal or self._failure,
             **self._counters,
         }
 
@@ -139,6 +152,15 @@ class InferenceWorker:
         """Stop soon: release what is not finished (no attempt charged)."""
         self._stopping.set()
         self._draining.set()
+
+    def _die(self, reason: str) -> None:
+        """A thread of the worker failed: stop everything; ``run`` fails what is held."""
+        if self._failure is None:
+            self._failure = reason
+            logger.error("worker failed worker=%s: %s", self.worker_id, reason, exc_info=True)
+        self._stopping.set()
+        self._draining.set()
+        self._flush_now.set()
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
@@ -156,19 +178,25 @@ class InferenceWorker:
             self._fatal = str(exc)
             logger.error("engine fatal worker=%s: %s", self.worker_id, exc)
             self._stopping.set()
+        except Exception as exc:
+            self._die(f"engine loop failed: {exc!r}")
         finally:
             self._draining.set()
             lease_thread.join()
             cause = "engine_fatal" if self._fatal else "drained"
-            self._release(self.batcher.drain(), cause)
-            if self.continuous:
-                self._release(self._engine_abort(), cause)
+            unstarted = self.batcher.drain() + (self._engine_abort() if self.continuous else [])
+            if self._failure is None:
+                self._release(unstarted, cause)
             self._writer_stop.set()
             writer_thread.join()
-            if self._fatal:
+            if self._failure is not None:
+                self._fail_held(self._failure)
+            elif self._fatal:
                 self._release_held("engine_fatal")  # e.g. the batch the engine died under
             self._close_engine()
-            self._state = "stopped"
+            self._state = "failed" if self._failure else "stopped"
+        if self._failure is not None:
+            raise WorkerError(self._failure)
         if self._fatal:
             raise EngineFatalError(self._fatal)
         return self.info()
@@ -319,6 +347,7 @@ class InferenceWorker:
                 self._queue_empty.clear()
                 poll_s = _IDLE_POLL_S[0]
                 self._accept(leased)
+                fault("after_lease")
             # Drain: keep heartbeating until the engine loop has settled what we hold.
             while not self._stopping.is_set() and (len(self.batcher) or self._holding()):
                 if time.monotonic() - last_beat > self.lease_s / 3:
@@ -326,9 +355,9 @@ class InferenceWorker:
                     last_beat = time.monotonic()
                 self._flush_now.set()
                 time.sleep(0.05)
-        except Exception:
-            logger.exception("lease loop failed worker=%s", self.worker_id)
-            self._stopping.set()
+        except Exception as exc:
+            # Not a drain: the pool must see a lost worker and replace it.
+            self._die(f"lease thread failed: {exc!r}")
 
     def _holding(self) -> bool:
         with self._held_lock:
@@ -385,6 +414,20 @@ class InferenceWorker:
             ray.get(self.queue.release.remote(tokens, cause))
             self._forget(tokens)
 
+    def _fail_held(self, reason: str) -> None:
+        """Everything the worker holds goes back with an attempt charged and the reason (so
+        the dead letter of an item that keeps failing this way says why)."""
+        with self._held_lock:
+            tokens = list(self._held)
+        if not tokens:
+            return
+        try:
+            ray.get(self.queue.fail.remote(tokens, "transient", "worker_error", reason))
+        except Exception as exc:  # the queue is unreachable: the pool's release_worker charges
+            logger.error("cannot fail the leases of worker=%s: %s", self.worker_id, exc)
+            return
+        self._forget(tokens)
+
     def _release_held(self, cause: str) -> None:
         with self._held_lock:
             tokens = list(self._held)
@@ -417,6 +460,12 @@ class InferenceWorker:
         return int(self._settings[item.extra["job"]].get("pack_items", 1))
 
     def _writer_loop(self) -> None:
+        try:
+            self._write_until_stopped()
+        except Exception as exc:
+            self._die(f"writer thread failed: {exc!r}")
+
+    def _write_until_stopped(self) -> None:
         while True:
             stop = self._writer_stop.is_set()
             if not stop:
@@ -444,47 +493,47 @@ class InferenceWorker:
 
     def _commit(self, job_id: str, pending: _Pending) -> None:
         """Declare, write, fsync; the queue publishes and completes, or refuses if our leases
-        are gone (then nothing is visible and the items belong to whoever holds them now)."""
+        are gone (then nothing is visible and the items belong to whoever holds them now).
+        An unexpected exception leaves the items held: the worker fails them with its reason."""
+        self._write_shard(job_id, pending)
+        self._forget(pending.tokens)
+
+    def _write_shard(self, job_id: str, pending: _Pending) -> None:
         output = self._outputs[job_id]
+        declared = ray.get(self.queue.declare_shard.remote(job_id, pending.tokens, self.worker_id))
+        lost = {r.token for r in declared.refused}
+        keep = [i for i, t in enumerate(pending.tokens) if t not in lost]
+        rows = [pending.rows[i] for i in keep]
+        if not rows:
+            ray.get(self.queue.abort_shard.remote(job_id, declared.n))
+            return
+        table = results_table(rows)
+        fault("before_write")
         try:
-            declared = ray.get(
-                self.queue.declare_shard.remote(job_id, pending.tokens, self.worker_id)
+            nbytes = output.write_table(table, declared.tmp_path)
+        except (OSError, InferenceError) as exc:
+            with contextlib.suppress(OSError):
+                output.remove(declared.tmp_path)  # never leave a partial file behind
+            ray.get(self.queue.abort_shard.remote(job_id, declared.n))
+            tokens = [pending.tokens[i] for i in keep]
+            logger.error("shard write failed job=%s: %s", job_id, exc)
+            ray.get(self.queue.fail.remote(tokens, "transient", "output_error", str(exc)))
+            return
+        fault("after_write")
+        result = ray.get(
+            self.queue.commit_shard.remote(
+                job_id,
+                declared.n,
+                len(rows),
+                nbytes,
+                {
+                    "prompt_tokens": pending.prompt_tokens,
+                    "completion_tokens": pending.completion_tokens,
+                    "busy_s": pending.busy_s,
+                },
             )
-            lost = {r.token for r in declared.refused}
-            keep = [i for i, t in enumerate(pending.tokens) if t not in lost]
-            rows = [pending.rows[i] for i in keep]
-            if not rows:
-                ray.get(self.queue.abort_shard.remote(job_id, declared.n))
-                return
-            table = results_table(rows)
-            fault("before_write")
-            try:
-                nbytes = output.write_table(table, declared.tmp_path)
-            except (OSError, InferenceError) as exc:
-                with contextlib.suppress(OSError):
-                    output.remove(declared.tmp_path)  # never leave a partial file behind
-                ray.get(self.queue.abort_shard.remote(job_id, declared.n))
-                tokens = [pending.tokens[i] for i in keep]
-                logger.error("shard write failed job=%s: %s", job_id, exc)
-                ray.get(self.queue.fail.remote(tokens, "transient", "output_error", str(exc)))
-                return
-            fault("after_write")
-            result = ray.get(
-                self.queue.commit_shard.remote(
-                    job_id,
-                    declared.n,
-                    len(rows),
-                    nbytes,
-                    {
-                        "prompt_tokens": pending.prompt_tokens,
-                        "completion_tokens": pending.completion_tokens,
-                        "busy_s": pending.busy_s,
-                    },
-                )
-            )
-            if result.committed:
-                self._counters["shards"] += 1
-            else:
-                logger.warning("shard %s/%d refused: %s", job_id, declared.n, result.reason)
-        finally:
-            self._forget(pending.tokens)
+        )
+        if result.committed:
+            self._counters["shards"] += 1
+        else:
+            logger.warning("shard %s/%d refused: %s", job_id, declared.n, result.reason)
