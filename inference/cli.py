@@ -8,15 +8,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from inference.config import Config, load_config, parse_config
-from inference.errors import ConfigError, InferenceError, InputError
+from inference.errors import ConfigError, InferenceError, InputError, JobConflict
 from inference.progress import Progress as JobProgress
 from inference.schedule import describe_next_run
 
@@ -108,8 +109,9 @@ def run(
     try:
         with bar:
             summary = run_job(input, cfg, job_id=job_id, on_progress=show)
-    except InputError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (InputError, JobConflict) as exc:
+        # As written: the message names the file, lines and values (no markup, no wrapping).
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except InferenceError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -186,7 +188,7 @@ def submit(
             console.print(f"note: {note}")
         submit_job(job)
     except SubmitError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     print(f"Ray job: {job.submission_id}")
     print(f"inference job: {job.job_id} (results in {job.output})")
@@ -224,14 +226,24 @@ def _load_optional(config: Path | None, output: Path | None) -> Config:
     return defaults.with_updates(output={"path": str(output)}) if output else defaults
 
 
-def _access(config: Path | None, output: Path | None) -> QueueAccess:
+def _access(config: Path | None, output: Path | None, write: bool = False) -> QueueAccess:
     from inference.admin import QueueAccess
 
     try:
-        return QueueAccess(_load_optional(config, output))
+        return QueueAccess(_load_optional(config, output), write=write)
     except (ConfigError, InferenceError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+
+
+def _call(config: Path | None, output: Path | None, method: str, *args: Any, write: bool) -> Any:
+    """One call on the queue (the cluster's, or its database's); a refusal is a clear error."""
+    access = _access(config, output, write=write)
+    try:
+        return access.call(method, *args)
+    except InferenceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -264,7 +276,7 @@ def cancel(
     output: OutputOpt = None,
 ) -> None:
     """Stop leasing a job's items; pending ones become dead letters with code `cancelled`."""
-    _access(config, output).call("set_job_state", job, "cancelled")
+    _call(config, output, "set_job_state", job, "cancelled", write=True)
     console.print(f"cancelled {job}")
 
 
@@ -276,7 +288,7 @@ def dlq_list(
     limit: Annotated[int, typer.Option(help="Most dead letters to show.")] = 100,
 ) -> None:
     """A job's dead letters with their reasons, one JSON object per line."""
-    for dead in _access(config, output).call("dead_letters", job, limit, 0):
+    for dead in _call(config, output, "dead_letters", job, limit, 0, write=False):
         print(json.dumps(dead, default=str))
 
 
@@ -288,7 +300,7 @@ def dlq_redrive(
 ) -> None:
     """Return a job's dead letters to pending with a fresh attempt budget (run the job again,
     or let a serving cluster's workers, pick them up)."""
-    count = _access(config, output).call("redrive", job)
+    count = _call(config, output, "redrive", job, write=True)
     console.print(f"redriven: {count} item(s) of {job}")
 
 

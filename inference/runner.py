@@ -12,17 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from inference.cluster import cluster_slots, connect
 from inference.config import Config
-from inference.errors import InferenceError, InputError, OutputError
-from inference.inputs import InputProblem, InputRecord, read_input
+from inference.errors import InferenceError, JobConflict, OutputError
+from inference.inputs import InputProblem, InputRecord, read_input, rejection
 from inference.pool import WorkerPool
 from inference.progress import Progress, Tracker, job_cost, model_shares
 from inference.queue.actor import get_or_create_queue
 from inference.queue.records import Packed
 from inference.queue.store import JobSpec, NewItem
+from inference.schema import ERROR_SCHEMA
 from inference.shards import JobOutput, errors_table, resolve_fs
 
 logger = logging.getLogger(__name__)
@@ -64,17 +66,44 @@ def queue_db_path(config: Config, output_root: str) -> str:
     return f"{base}/_queue/queue.sqlite"
 
 
-def validate_input(path: Path, config: Config) -> tuple[dict[str, int], list[InputProblem]]:
-    """First pass over the input: count good records by the pool that serves them, collect
-    every problem (with ``engines:``, an item naming a model no engine serves is one)."""
+PROBLEMS_SHOWN = 20
+
+
+def validate_input(path: Path, config: Config) -> tuple[dict[str, int], list[InputProblem], int]:
+    """First pass over the input: count good records by the pool that serves them, count every
+    problem and keep the first few (with ``engines:``, an item naming a model no engine serves
+    is one). Streams the file: memory does not grow with its problems."""
     good: dict[str, int] = {}
     problems: list[InputProblem] = []
-    for record in _routed(read_input(path, config.input, _default_model(config)), config):
+    count = 0
+    for record in _routed(_records(path, config), config):
         if isinstance(record, InputProblem):
-            problems.append(record)
+            count += 1
+            if len(problems) < PROBLEMS_SHOWN:
+                problems.append(record)
         else:
             good[record[1]] = good.get(record[1], 0) + 1
-    return good, problems
+    return good, problems, count
+
+
+def check_input(path: Path, config: Config) -> tuple[dict[str, int], list[InputProblem], int]:
+    """:func:`validate_input`, then with ``input.on_invalid: reject`` an InputError naming the
+    file and each problem's line or row when there is any (nothing has been enqueued yet);
+    with ``skip`` the problems are logged."""
+    good, problems, count = validate_input(path, config)
+    if count and config.input.on_invalid == "reject":
+        raise rejection(path, problems, count)
+    for p in problems:
+        logger.warning("skipping %s %s: %s", path, p.where or "(file)", p.reason)
+    if count > len(problems):
+        logger.warning("skipping %d more invalid records of %s", count - len(problems), path)
+    return good, problems, count
+
+
+def _records(path: Path, config: Config) -> Iterator[InputRecord | InputProblem]:
+    return read_input(
+        path, config.input, _default_model(config), max_item_bytes=config.queue.max_item_bytes
+    )
 
 
 def _default_model(config: Config) -> str:
@@ -97,6 +126,7 @@ def _routed(
                 record.line,
                 f"{record.item_id}: model {record.model!r} is not served by this job "
                 f"(engines: {served})",
+                record.row,
             )
             continue
         yield record, pool
@@ -176,20 +206,14 @@ def run_job(
     job_id = job_id or default_job_id(input_path)
     output = JobOutput(output_root, job_id, config.output.format)
 
-    good_by_pool, problems = validate_input(input_path, config)
-    if problems and config.input.on_invalid == "reject":
-        shown = "\n".join(f"  line {p.line}: {p.reason}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise InputError(
-            f"{input_path}: {len(problems)} invalid line(s); nothing was enqueued "
-            f"(input.on_invalid is reject):\n{shown}{more}"
-        )
-    for p in problems:
-        logger.warning("skipping %s line %d: %s", input_path, p.line, p.reason)
-
+    good_by_pool, _problems, _count = check_input(input_path, config)  # before anything starts
     connect()
     queue = get_or_create_queue(queue_db_path(config, output_root), config.queue.max_item_bytes)
-    resumed = not ray.get(queue.create_job.remote(job_spec(config, job_id, output_root)))
+    try:
+        resumed = not ray.get(queue.create_job.remote(job_spec(config, job_id, output_root)))
+    except JobConflict as exc:  # Ray's wrapper of the queue's error: raise the error itself
+        cause = getattr(exc, "cause", exc)
+        raise JobConflict(cause.job_id, cause.fields) from None
     before = ray.get(queue.stats.remote(job_id))
     models = config.models()
     tracker = Tracker(
@@ -214,7 +238,7 @@ def run_job(
             one.start()
     try:
         accepted = 0
-        for chunk in _chunks(read_input(input_path, config.input, _default_model(config)), config):
+        for chunk in _chunks(_records(input_path, config), config):
             accepted += ray.get(queue.enqueue.remote(job_id, chunk)).accepted
         logger.info("job=%s enqueued=%d resumed=%s", job_id, accepted, resumed)
         while True:
@@ -388,33 +412,40 @@ def _job_fields(stats: dict[str, Any], config: Config) -> dict[str, Any]:
     return fields
 
 
+DEAD_LETTER_PAGE = 5000  # dead letters per call on the queue, and per row group of errors/
+
+
 def finalize(queue: Any, output: JobOutput, job_id: str, stats: dict[str, Any]) -> None:
-    """Write the dead letters to ``errors/`` and the manifest of committed shards."""
-    dead: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page = ray.get(queue.dead_letters.remote(job_id, 5000, after))
-        if not page:
-            break
-        dead.extend(page)
-        after = page[-1]["id"]
+    """Write the dead letters to ``errors/`` and the manifest of committed shards. The dead
+    letters stream from the queue a page at a time into the file (a cancelled job of millions
+    of items never sits in memory whole)."""
+
+    def pages() -> Iterator[pa.Table]:
+        after = 0
+        while True:
+            page = ray.get(queue.dead_letters.remote(job_id, DEAD_LETTER_PAGE, after))
+            if not page:
+                return
+            after = page[-1]["id"]
+            yield errors_table(
+                [
+                    {
+                        "job_id": job_id,
+                        "custom_id": d["custom_id"],
+                        "error_kind": d["error_kind"],
+                        "error_code": d["error_code"],
+                        "message": d["message"],
+                        "attempts": d["attempts"],
+                        "last_attempt_at": datetime.fromtimestamp(d["last_attempt_at"] or 0, UTC),
+                    }
+                    for d in page
+                ]
+            )
+
     error_file = output.errors_path(0)
-    if dead:
-        rows = [
-            {
-                "job_id": job_id,
-                "custom_id": d["custom_id"],
-                "error_kind": d["error_kind"],
-                "error_code": d["error_code"],
-                "message": d["message"],
-                "attempts": d["attempts"],
-                "last_attempt_at": datetime.fromtimestamp(d["last_attempt_at"] or 0, UTC),
-            }
-            for d in dead
-        ]
-        tmp = output.scratch_path("errors") if output.is_local else error_file
-        output.write_table(errors_table(rows), tmp)
-        output.publish(tmp, error_file)
+    tmp = output.scratch_path("errors")
+    if output.write_tables(pages(), ERROR_SCHEMA, tmp):
+        output.publish(tmp, error_file, replace=True)  # the dead letters are rewritten whole
     else:
         output.remove(error_file)
     shards = ray.get(queue.committed_shards.remote(job_id))

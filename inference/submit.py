@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from inference.config import load_config
-from inference.errors import ConfigError, InferenceError
-from inference.runner import default_job_id
+from inference.errors import ConfigError, InferenceError, InputError
+from inference.runner import check_input, default_job_id
 
 EXCLUDES = [
     ".venv",
@@ -143,6 +143,10 @@ def plan(
     project = project if project is not None else project_dir()
     notes: list[str] = []
     job_input = _job_path(input_path, project, notes, "input")
+    try:  # the job's own pre-pass, here: a bad line or row is named before anything is sent
+        check_input(input_path.expanduser(), config)
+    except InputError as exc:
+        raise SubmitError(str(exc)) from None
     job_config = _job_path(config_path, project, notes, "config")
     root = _output_root(output, config.output.path)
     job_id = job_id or default_job_id(input_path)

@@ -237,3 +237,32 @@ def test_output_to_an_object_store_counts_only_manifest_shards(
         assert sorted(ids) == sorted(_ids(path))
     finally:
         server.stop()
+
+
+def test_resuming_a_job_with_another_model_is_refused_naming_the_fields(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """The same bundled model named two ways is two pools: resumed into the second, the job's
+    items would wait forever for a worker that serves the first. Refused before anything
+    runs, naming the fields; a resume that only changes attempts goes on."""
+    import ray
+
+    from inference.errors import JobConflict
+    from inference.queue.actor import get_or_create_queue
+    from inference.runner import job_spec, run_job
+
+    config = _config(tmp_path, queue_db)
+    queue = get_or_create_queue(queue_db)
+    ray.get(queue.create_job.remote(job_spec(config, "resume-conflict", config.output.path)))
+    renamed = config.with_updates(engine={"model": str(REPO / "models" / "tiny-llama")})
+    path = tmp_path / "in.jsonl"
+    path.write_text((EXAMPLES / "chat.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(JobConflict) as caught:
+        run_job(path, renamed, job_id="resume-conflict")
+    assert "pool: 'tiny-llama' != " in str(caught.value)
+    assert "settings.model" in str(caught.value)
+    assert ray.get(queue.stats.remote("resume-conflict"))["total"] == 0  # nothing enqueued
+    summary = run_job(
+        path, config.with_updates(queue={"max_attempts": 5}), job_id="resume-conflict"
+    )
+    assert (summary.done, summary.dead) == (1, 0)
