@@ -1,4 +1,5 @@
-"""Joining a Ray cluster: the one named by ``RAY_ADDRESS``, or an embedded local one."""
+"""Joining a Ray cluster: the one named by ``RAY_ADDRESS``, or an embedded local one, which
+listens on loopback only (nothing of it is reachable from another machine)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,24 @@ from inference.queue.actor import NAMESPACE
 
 logger = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def listen_on_loopback() -> None:
+    """Make the embedded cluster a loopback one: its node address 127.0.0.1, and every server of
+    it (GCS, raylet, object manager, workers' gRPC, agents, metrics) listening there only.
+
+    On Linux, Ray turns a node address of 127.0.0.1 into the host's reachable address unless
+    it runs single-node (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read at import by the
+    processes it starts and here from its constant), and then binds its servers to loopback.
+    vLLM's Ray executor places its driver by ``VLLM_HOST_IP``, so that says loopback too."""
+    os.environ[_SINGLE_NODE_ENV] = "0"
+    os.environ.setdefault("VLLM_HOST_IP", LOOPBACK)
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False
+
 
 def connect(num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
     """Connect this process to Ray; returns True when it started an embedded cluster."""
@@ -21,9 +40,11 @@ def connect(num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return False
+    listen_on_loopback()
     kwargs: dict[str, Any] = {
         "num_cpus": num_cpus or os.cpu_count() or 1,
         "namespace": NAMESPACE,
+        "_node_ip_address": LOOPBACK,
         "include_dashboard": False,
         "log_to_driver": False,
         "configure_logging": True,

@@ -553,6 +553,28 @@ class ApiConfig(_Section):
         default_factory=list,
         description="Origins allowed by CORS (exact origins; '*' is refused). Empty: no CORS.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names answered besides the loopback ones where the Host header is "
+        "checked (without tokens): e.g. a reverse proxy's name.",
+    )
+    max_files: int = Field(
+        10_000, ge=1, description="Files the file store may hold (uploads over it get 429)."
+    )
+    max_file_store_bytes: int = Field(
+        100_000_000_000,
+        ge=1,
+        description="Bytes the file store may hold (uploads that would pass it get 429).",
+    )
+    max_open_jobs: int = Field(
+        1_000,
+        ge=1,
+        description="Jobs and batches not yet finished at once (creations over it get 429).",
+    )
+
+    def redacted(self) -> ApiConfig:
+        """This section without its secrets (the tokens), for what is stored or shipped."""
+        return self.model_copy(update={"tokens": []})
 
     @model_validator(mode="after")
     def _check_api(self) -> ApiConfig:

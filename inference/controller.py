@@ -23,6 +23,7 @@ at once); a record is written before the call that made it is acknowledged. Ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -40,9 +41,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from inference.api.batch_input import batch_items, check_batch_file
-from inference.api.filestore import FileStore
+from inference.api.filestore import FileStore, QuotaExceeded
 from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
+from inference.errors import JobConflict, OutputError, QueueError
 from inference.export import error_jsonl, output_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
@@ -213,7 +215,7 @@ class Controller:
             "kind": kind,
             "status": "validating" if kind == "batch" else "queued",
             "created_at": now,
-            "config": config,
+            "config": _redacted(config),
             "times": {},
             "expires_at": None,
             "end_reason": None,
@@ -254,6 +256,21 @@ class Controller:
                 out["stats"] = ray.get(self._queue.stats.remote(rec["id"]), timeout=10)
         return out
 
+    def _check_open_jobs(self, cap: int | None) -> None:
+        """429 when ``cap`` (``api.max_open_jobs``) jobs and batches are not finished yet."""
+        if cap is None:
+            return
+        with self._lock:
+            open_jobs = sum(1 for r in self._jobs.values() if r["status"] in ACTIVE)
+        if open_jobs >= cap:
+            raise ApiError(
+                429,
+                f"{open_jobs} jobs and batches are not finished (api.max_open_jobs is {cap}); "
+                "cancel some or wait for them to finish",
+                None,
+                "quota_exceeded",
+            )
+
     def _record(self, job_id: str, kind: str) -> dict[str, Any]:
         rec = self._jobs.get(job_id)
         if rec is None or rec["kind"] != kind:
@@ -282,14 +299,15 @@ class Controller:
         output_root: str,
         metadata: dict[str, str] | None = None,
         completion_window: str | None = None,
+        max_open_jobs: int | None = None,
     ) -> dict[str, Any]:
         """Register a native job and create it in the WorkQueue; items come later."""
         job_id = job_id or f"job_{uuid.uuid4().hex[:24]}"
-        if not CUSTOM_ID.match(job_id):
-            raise ApiError(400, f"job_id must match {CUSTOM_ID.pattern}", "job_id", "invalid_id")
+        _check_job_id(job_id, output_root)
         with self._lock:
             if job_id in self._jobs:
                 raise ApiError(409, f"job {job_id!r} exists already", "job_id", "job_exists")
+            self._check_open_jobs(max_open_jobs)
             rec = self._new_record(
                 "native",
                 job_id,
@@ -299,7 +317,12 @@ class Controller:
                 completion_window=completion_window,
             )
             spec = job_spec(Config.model_validate(config), job_id, output_root)
-            if not ray.get(self._queue.create_job.remote(spec)):
+            try:
+                created = ray.get(self._queue.create_job.remote(spec))
+            except JobConflict as exc:  # the id is an earlier job's, with another config
+                message = str(getattr(exc, "cause", exc))
+                raise ApiError(409, message, "job_id", "job_exists") from None
+            if not created:
                 raise ApiError(409, f"job {job_id!r} exists in the queue", "job_id", "job_exists")
             self._jobs[job_id] = rec
             self._registry.save(rec)
@@ -336,6 +359,7 @@ class Controller:
         metadata: dict[str, str] | None,
         config: dict[str, Any],
         output_root: str,
+        max_open_jobs: int | None = None,
     ) -> dict[str, Any]:
         """Register a batch (status ``validating``); the loop checks its file and enqueues it."""
         doc = self._files.get(input_file_id)
@@ -371,6 +395,7 @@ class Controller:
             model=None,
         )
         with self._lock:
+            self._check_open_jobs(max_open_jobs)
             self._jobs[batch_id] = rec
             self._registry.save(rec)
         logger.info("batch created batch=%s file=%s", batch_id, input_file_id)
@@ -382,6 +407,22 @@ class Controller:
 
     def batches(self, limit: int = 20, after: str | None = None) -> tuple[list[dict], bool]:
         return self._page("batch", limit, after)
+
+    def redrive(self, job_id: str) -> int:
+        """A job's dead letters back to pending. A batch's only while it runs: from finalizing
+        on, its output and error files are being written (an item redriven then would be in
+        neither). The check and the redrive hold the lock that the move to finalizing takes."""
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is not None and rec["kind"] == "batch" and rec["status"] != "running":
+                raise ApiError(
+                    409,
+                    f"batch {job_id} is {rec['status']}; only a running batch's dead letters"
+                    " can be redriven",
+                    "job_id",
+                    "batch_final",
+                )
+            return int(ray.get(self._queue.redrive.remote(job_id, None, True)))
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         return self._cancel(self._record(batch_id, "batch"))
@@ -402,6 +443,9 @@ class Controller:
             self._set(rec, "cancelling", "cancelling")
         if not was_validating:  # a validating batch is cancelled in the queue once enqueued
             ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+        else:  # enqueue may have failed half-way: its job, if any, must settle
+            with contextlib.suppress(QueueError):
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
         self._wake.set()
         return self._view(rec)
 
@@ -409,18 +453,54 @@ class Controller:
     def put_file(
         self, data: bytes, filename: str, purpose: str, expires_at: int | None = None
     ) -> dict[str, Any]:
-        if purpose != "batch":
-            raise ApiError(
-                400, f"purpose must be 'batch', got {purpose!r}", "purpose", "invalid_purpose"
-            )
-        if not filename.endswith(".jsonl"):
-            raise ApiError(
-                400,
-                "Invalid file format for Batch API. Must be .jsonl",
-                "file",
-                "invalid_file_format",
-            )
+        _check_upload(filename, purpose)
         return self._files.put([data], filename=filename, purpose=purpose, expires_at=expires_at)
+
+    def begin_upload(
+        self, filename: str, purpose: str | None = None, max_files: int | None = None
+    ) -> str:
+        """Start a streamed upload (``POST /v1/files``): its pieces come with
+        :meth:`write_upload`, then :meth:`finish_upload` stores it (or :meth:`abort_upload`
+        drops it). 400 for a purpose (when known yet) or name the Batch API refuses, 429 when
+        the store is full."""
+        _check_upload(filename, purpose)
+        with _quota():
+            return self._files.begin_upload(max_files)
+
+    def write_upload(self, upload_id: str, data: bytes, max_bytes: int | None = None) -> int:
+        with _quota():
+            return self._files.append(upload_id, data, max_bytes)
+
+    def finish_upload(
+        self,
+        upload_id: str,
+        filename: str,
+        purpose: str,
+        max_files: int | None = None,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        try:
+            _check_upload(filename, purpose)
+        except ApiError:
+            self._files.abort(upload_id)
+            raise
+        with _quota():
+            return self._files.commit(
+                upload_id,
+                filename=filename,
+                purpose=purpose,
+                max_files=max_files,
+                max_bytes=max_bytes,
+            )
+
+    def abort_upload(self, upload_id: str) -> None:
+        self._files.abort(upload_id)
+
+    def file_requests(self, file_id: str) -> int:
+        """The requests (non-blank lines) of an uploaded batch file; 404 when unknown."""
+        if self._files.get(file_id) is None:
+            raise not_found("file", file_id, "input_file_id")
+        return self._files.count_lines(file_id)
 
     def file(self, file_id: str) -> dict[str, Any]:
         doc = self._files.get(file_id)
@@ -494,16 +574,25 @@ class Controller:
 
     def _advance(self, rec: dict[str, Any], st: dict[str, Any] | None) -> None:
         status = rec["status"]
+        expires_at = rec.get("expires_at")
+        if status == "validating" and expires_at and time.time() >= expires_at:
+            with self._lock:  # expiry holds in every state, even before the lines are in
+                rec["end_reason"] = "expired"
+                self._set(rec, "expiring")
+            if st is not None:
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+            return
         if status == "validating":
             self._start_batch(rec)
             return
         if st is None:
             if status == "cancelling":  # cancelled before it reached the queue
                 self._set(rec, "cancelled", "cancelled")
+            elif status == "expiring":
+                self._set(rec, "expired", "expired")
             return
         settled = st["pending"] + st["leased"] == 0
         if status in ("queued", "running", "completed"):
-            expires_at = rec.get("expires_at")
             if expires_at and time.time() >= expires_at and not settled:
                 with self._lock:
                     if rec["status"] != status:
@@ -525,6 +614,12 @@ class Controller:
                 return
             status = "finalizing"
         if status == "finalizing" and settled:
+            # Settled at the tick's snapshot; a redrive may have come since (before the move to
+            # finalizing, which refuses later ones): look again before writing the files.
+            st = ray.get(self._queue.stats.remote(rec["id"]))
+            if st["pending"] + st["leased"]:
+                self._set(rec, "running", expect="finalizing")
+                return
             self._finalize(rec, st, "completed")
         elif status == "cancelling" and settled:
             self._finalize(rec, st, "cancelled")
@@ -557,17 +652,57 @@ class Controller:
             logger.info("batch %s failed validation: %d error(s)", rec["id"], check.error_count)
             return
         spec = job_spec(config, rec["id"], rec["output_root"])
+        # Its dead letters are redriven only through here (see redrive), never behind the
+        # back of its output and error files.
+        spec = dataclasses.replace(spec, settings={**spec.settings, "kind": "openai_batch"})
         ray.get(self._queue.create_job.remote(spec))
-        for chunk in batch_items(path, rec["endpoint"], config):
-            ray.get(self._queue.enqueue.remote(rec["id"], chunk))
+        # Paused until every line is in: a batch that fails half-way has run none of them.
+        ray.get(self._queue.set_job_state.remote(rec["id"], "paused"))
+        try:
+            for chunk, lines in batch_items(path, rec["endpoint"], config):
+                try:
+                    ray.get(self._queue.enqueue.remote(rec["id"], chunk))
+                except QueueError:
+                    if rec["status"] == "cancelling":  # cancelled meanwhile: no more lines
+                        break
+                    self._refused_lines(rec, chunk, lines)
+                    raise
+        except (QueueError, ValueError) as exc:
+            ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+            if not rec.get("errors"):
+                error = {"code": "enqueue_failed", "message": str(exc)[:2000]}
+                rec["errors"] = {"object": "list", "data": [{**error, "param": None, "line": None}]}
+            self._set(rec, "failed", "failed")
+            logger.warning("batch %s failed while enqueued: %s", rec["id"], exc)
+            return
         rec["model"] = check.model
         with self._lock:
             cancelled = rec["status"] == "cancelling"
             if not cancelled:
                 self._set(rec, "running", "in_progress")
-        if cancelled:
-            ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+        state = "cancelled" if cancelled else "active"
+        with contextlib.suppress(QueueError):  # cancelled already: it stays so
+            ray.get(self._queue.set_job_state.remote(rec["id"], state))
         self._wake.set()
+
+    def _refused_lines(self, rec: dict[str, Any], chunk: list[Any], lines: list[int]) -> None:
+        """The queue refused a chunk (it refuses a call whole): find its lines one by one, and
+        record them as the batch's errors, as OpenAI's validation names lines."""
+        errors = []
+        for item, line in zip(chunk, lines, strict=True):
+            try:
+                ray.get(self._queue.enqueue.remote(rec["id"], [item]))
+            except QueueError as exc:
+                message = str(getattr(exc, "cause", exc)).removeprefix(
+                    "enqueue refused, nothing accepted: "
+                )
+                errors.append(
+                    {"code": "invalid_request", "message": message, "param": None, "line": line}
+                )
+            if len(errors) >= 100:
+                break
+        if errors:
+            rec["errors"] = {"object": "list", "data": errors}
 
     def _finalize(self, rec: dict[str, Any], st: dict[str, Any], final: str) -> None:
         """Errors shard, manifest and job.json; for a batch, its output and error files."""
@@ -639,6 +774,48 @@ class Controller:
             released = ray.get(self._queue.release_worker.remote(worker_id, "worker_lost"))
             logger.info("released leases of lost worker=%s items=%d", worker_id, released)
         self._registry.remove_workers(worker_ids)
+
+
+def _check_upload(filename: str, purpose: str | None) -> None:
+    """400 for what the Batch API refuses: a purpose other than batch, a name not .jsonl."""
+    if purpose is not None and purpose != "batch":
+        raise ApiError(
+            400, f"purpose must be 'batch', got {purpose!r}", "purpose", "invalid_purpose"
+        )
+    if not filename.endswith(".jsonl"):
+        raise ApiError(
+            400,
+            "Invalid file format for Batch API. Must be .jsonl",
+            "file",
+            "invalid_file_format",
+        )
+
+
+@contextlib.contextmanager
+def _quota() -> Iterator[None]:
+    """The file store's QuotaExceeded as a 429."""
+    try:
+        yield
+    except QuotaExceeded as exc:
+        raise ApiError(429, f"{exc}; delete files to make room", None, "quota_exceeded") from None
+
+
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """A job's config as it is recorded: without the server's API tokens."""
+    api = config.get("api")
+    if isinstance(api, dict) and api.get("tokens"):
+        config = {**config, "api": {**api, "tokens": []}}
+    return config
+
+
+def _check_job_id(job_id: str, output_root: str) -> None:
+    """400 unless ``job_id`` is an id the output layout takes (a folder of its own)."""
+    try:
+        if not CUSTOM_ID.fullmatch(job_id):
+            raise OutputError(f"job_id must match {CUSTOM_ID.pattern}")
+        JobOutput(output_root, job_id)
+    except OutputError as exc:
+        raise ApiError(400, f"job_id {job_id[:140]!r}: {exc}", "job_id", "invalid_id") from None
 
 
 def _tracker(config_data: dict[str, Any]) -> Tracker:

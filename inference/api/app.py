@@ -1,5 +1,6 @@
-"""The FastAPI app factory: routes by area, the guard (auth, body limit), CORS for listed origins
-only, and every error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``)."""
+"""The FastAPI app factory: routes by area, the guard (Host, Origin, auth, body type and size),
+CORS for listed origins only, and every error in OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,16 @@ def create_app(config: Config, queue: Any, controller: Any) -> FastAPI:
         app.include_router(module.router)
     _install_error_handlers(app)
     app.add_middleware(_RequestCounter, state=app.state.inference)
+    api = config.api
     app.add_middleware(
-        Guard, tokens=list(config.api.tokens), max_body_bytes=config.api.max_body_bytes
+        Guard,
+        tokens=list(api.tokens),
+        max_body_bytes=api.max_body_bytes,
+        # Without tokens only loopback names are answered (DNS rebinding); with tokens (which
+        # a public bind needs) the tokens protect the server, whatever name it is reached by.
+        check_host=not api.tokens,
+        allowed_hosts=list(api.allowed_hosts),
+        cors_origins=list(api.cors_origins),
     )
     if config.api.cors_origins:  # outermost, so preflight requests need no token
         app.add_middleware(

@@ -19,7 +19,7 @@ from inference.config import Config
 from inference.queue import NewItem, Packed
 from inference.schema import CUSTOM_ID
 
-from .items import ItemRejected, check_item, route
+from .items import ItemRejected, check_item, oversized, route
 
 MAX_REPORTED_ERRORS = 100
 _FIELDS = {"custom_id", "method", "url", "body"}
@@ -86,6 +86,12 @@ def _item(
         pool = route(config, checked.model)
     except ItemRejected as exc:
         return exc
+    if oversized(checked.payload, config.queue.max_item_bytes):
+        return ItemRejected(
+            f"The request is larger than {config.queue.max_item_bytes} bytes.",
+            "body",
+            "request_too_large",
+        )
     return NewItem(custom_id, checked.payload, checked.tokens, pool=pool), checked.model
 
 
@@ -140,16 +146,19 @@ def check_batch_file(path: Path, endpoint: str, config: Config) -> BatchCheck:
 
 def batch_items(
     path: Path, endpoint: str, config: Config, chunk: int = 1000
-) -> Iterator[list[NewItem]]:
-    """The items of a checked file, in :class:`Packed` chunks for ``WorkQueue.enqueue``."""
+) -> Iterator[tuple[list[NewItem], list[int]]]:
+    """The items of a checked file, in :class:`Packed` chunks for ``WorkQueue.enqueue``, each
+    with the file's line number of every item (to name the lines of a refused chunk)."""
     items: list[NewItem] = Packed()
+    lines: list[int] = []
     for number, raw in _lines(path):
         checked = _item(number, raw, endpoint, config)
         if isinstance(checked, ItemRejected):  # the file changed after its check: refuse loudly
             raise ValueError(f"line {number}: {checked.message}")
         items.append(checked[0])
+        lines.append(number)
         if len(items) >= chunk:
-            yield items
-            items = Packed()
+            yield items, lines
+            items, lines = Packed(), []
     if items:
-        yield items
+        yield items, lines

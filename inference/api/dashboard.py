@@ -344,15 +344,7 @@ async def _queue_job(state: ServerState, job_id: str) -> dict[str, Any]:
 async def redrive(request: Request, job_id: JobId) -> dict[str, Any]:
     state: ServerState = request.app.state.inference
     await _queue_job(state, job_id)
-    brief = await call(state.controller.job_brief.remote(job_id), 10)
-    if brief and brief["kind"] == "batch" and brief["status"] in ("completed", "failed", "expired"):
-        raise ApiError(
-            409,
-            f"batch {job_id} is {brief['status']}; its output files are final",
-            "job_id",
-            "batch_final",
-        )
-    n = int(await call(state.queue.redrive.remote(job_id)))
+    n = int(await call(state.controller.redrive.remote(job_id)))
     state.jobs.pop(job_id, None)
     if n:
         state.controller.wake.remote()

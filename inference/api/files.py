@@ -1,21 +1,24 @@
 """``/v1/files``: upload (multipart, purpose ``batch``), retrieve, list, content, delete.
 
-The multipart body is parsed here with the standard library (the whole body is already bounded by
-the guard's limit), so the server needs no multipart package; the files themselves live in the
-Controller's :class:`~inference.api.filestore.FileStore`.
+The multipart body is parsed here as it arrives (a small push parser over the standard library's
+header parsing, so the server needs no multipart package), and the file's content goes on in
+pieces to the Controller's :class:`~inference.api.filestore.FileStore`, which appends them to
+disk: an upload is never held whole in memory. The store's quotas (``api.max_files``,
+``api.max_file_store_bytes``) are 429.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import email.parser
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from .http_errors import ApiError
 from .state import ServerState, call
@@ -23,6 +26,8 @@ from .views import page
 
 router = APIRouter(tags=["files"])
 CHUNK_BYTES = 4 << 20
+MAX_PART_HEADER_BYTES = 16 << 10
+MAX_FIELD_BYTES = 1024  # the text fields (purpose, expires_after[...])
 FileId = Annotated[str, Path(max_length=128, description="A file id (file-...).")]
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _FIELDS = {"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"}
@@ -46,9 +51,9 @@ _UPLOAD_SCHEMA = {
 }
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """``multipart/form-data`` -> {field name: (filename or None, content)}; 400 when malformed,
-    415 for another content type."""
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` content type; 415 for another type, 400
+    without a usable boundary."""
     header = email.message.Message()
     header["content-type"] = content_type
     if header.get_content_type() != "multipart/form-data":
@@ -56,54 +61,185 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
         raise ApiError(400, "The multipart body has no boundary.", None, "invalid_multipart")
-    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
-    if len(parts) < 2 or not parts[-1].startswith(b"--"):
-        raise ApiError(400, "The multipart body is truncated.", None, "invalid_multipart")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    for raw in parts[1:-1]:
-        head, sep, content = raw.partition(b"\r\n\r\n")
-        if not sep or not head.startswith(b"\r\n"):
-            raise ApiError(400, "A multipart part has no headers.", None, "invalid_multipart")
-        headers = email.parser.BytesHeaderParser().parsebytes(head[2:] + b"\r\n\r\n")
-        name = headers.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "A multipart part has no name.", None, "invalid_multipart")
-        if name in fields:
-            raise ApiError(400, f"The field {name!r} appears twice.", name, "invalid_multipart")
-        fields[name] = (headers.get_filename(), content)
-    return fields
+    return boundary.encode("latin-1")
 
 
-def _text(fields: dict[str, tuple[str | None, bytes]], name: str) -> str | None:
+def _malformed(message: str) -> ApiError:
+    return ApiError(400, message, None, "invalid_multipart")
+
+
+@dataclass
+class PartStart:
+    name: str
+    filename: str | None
+
+
+@dataclass
+class PartData:
+    data: bytes
+
+
+Event = PartStart | PartData
+
+
+class MultipartReader:
+    """A push parser of ``multipart/form-data``: :meth:`feed` it the body as it arrives and it
+    returns what it found (a part's start, pieces of its content), holding back no more than a
+    delimiter's length of content; :meth:`close` checks the body ended where it should."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._buffer = b"\r\n"  # the first delimiter has no line break of its own before it
+        self._state = "preamble"  # preamble, after, headers, content, end
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._buffer += data
+        events: list[Event] = []
+        while True:
+            if self._state in ("preamble", "content"):
+                at = self._buffer.find(self._delimiter)
+                if at < 0:
+                    keep = len(self._delimiter) - 1  # may be the start of a delimiter
+                    if self._state == "content" and len(self._buffer) > keep:
+                        events.append(PartData(self._buffer[:-keep]))
+                    if len(self._buffer) > keep:
+                        self._buffer = self._buffer[-keep:]
+                    return events
+                if self._state == "content" and at:
+                    events.append(PartData(self._buffer[:at]))
+                self._buffer = self._buffer[at + len(self._delimiter) :]
+                self._state = "after"
+            elif self._state == "after":
+                if len(self._buffer) < 2:
+                    return events
+                if self._buffer.startswith(b"--"):
+                    self._state, self._buffer = "end", b""
+                elif self._buffer.startswith(b"\r\n"):
+                    self._state, self._buffer = "headers", self._buffer[2:]
+                else:
+                    raise _malformed("A multipart delimiter is not followed by a line break.")
+            elif self._state == "headers":
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > MAX_PART_HEADER_BYTES:
+                        raise _malformed("A multipart part's headers are too long.")
+                    return events
+                events.append(_part_start(self._buffer[: end + 4]))
+                self._buffer = self._buffer[end + 4 :]
+                self._state = "content"
+            else:  # end: the epilogue is ignored
+                self._buffer = b""
+                return events
+
+    def close(self) -> None:
+        if self._state != "end":
+            raise _malformed("The multipart body is truncated.")
+
+
+def _part_start(head: bytes) -> PartStart:
+    headers = email.parser.BytesHeaderParser().parsebytes(head)
+    name = headers.get_param("name", header="content-disposition")
+    if not isinstance(name, str) or not name:
+        raise _malformed("A multipart part has no name.")
+    return PartStart(name, headers.get_filename())
+
+
+def _text(fields: dict[str, bytes], name: str) -> str | None:
     if name not in fields:
         return None
     try:
-        return fields[name][1].decode()
+        return fields[name].decode()
     except UnicodeDecodeError:
         raise ApiError(400, f"{name} must be UTF-8 text.", name, "invalid_value") from None
 
 
 @router.post("/v1/files", openapi_extra=_UPLOAD_SCHEMA, summary="Upload a batch input file")
 async def upload_file(request: Request) -> dict[str, Any]:
+    """The body is read as it arrives: the file's content goes to the file store in pieces of
+    at most ``CHUNK_BYTES`` (to disk, on the Controller's node), never whole in memory."""
     state: ServerState = request.app.state.inference
-    body = await request.body()
-    fields = await run_in_threadpool(parse_multipart, body, request.headers.get("content-type", ""))
-    del body
-    unknown = sorted(set(fields) - _FIELDS)
-    if unknown:
-        raise ApiError(400, f"Unknown field {unknown[0]!r}.", unknown[0], "unknown_parameter")
-    if "file" not in fields:
-        raise ApiError(400, "Missing required parameter: 'file' (a file part).", "file")
-    purpose = _text(fields, "purpose")
-    if purpose is None:
-        raise ApiError(400, "Missing required parameter: 'purpose'.", "purpose")
-    anchor = _text(fields, "expires_after[anchor]")
-    if anchor is not None and anchor != "created_at":
-        raise ApiError(400, "expires_after[anchor] must be created_at.", "expires_after[anchor]")
-    filename, data = fields["file"]
-    if filename is None or not 1 <= len(filename) <= 255:
-        raise ApiError(400, "The file's name must have 1 to 255 characters.", "file")
-    return dict(await call(state.controller.put_file.remote(data, filename, purpose)))
+    api = state.config.api
+    reader = MultipartReader(multipart_boundary(request.headers.get("content-type", "")))
+    fields: dict[str, bytes] = {}
+    seen: set[str] = set()
+    current: str | None = None
+    filename: str | None = None
+    upload_id: str | None = None
+    pending: list[bytes] = []
+    pending_bytes = 0
+
+    async def flush() -> None:
+        nonlocal pending_bytes
+        if pending and upload_id is not None:
+            data = b"".join(pending)
+            pending.clear()
+            pending_bytes = 0
+            await call(
+                state.controller.write_upload.remote(upload_id, data, api.max_file_store_bytes)
+            )
+
+    try:
+        async for chunk in request.stream():
+            for event in reader.feed(chunk):
+                if isinstance(event, PartData):
+                    if current == "file":
+                        pending.append(event.data)
+                        pending_bytes += len(event.data)
+                        if pending_bytes >= CHUNK_BYTES:
+                            await flush()
+                    elif current is not None:
+                        fields[current] = fields.get(current, b"") + event.data
+                        if len(fields[current]) > MAX_FIELD_BYTES:
+                            raise ApiError(400, f"{current} is too long.", current, "invalid_value")
+                    continue
+                await flush()
+                if event.name in seen:
+                    raise ApiError(
+                        400,
+                        f"The field {event.name!r} appears twice.",
+                        event.name,
+                        "invalid_multipart",
+                    )
+                seen.add(event.name)
+                if event.name not in _FIELDS:
+                    raise ApiError(
+                        400, f"Unknown field {event.name!r}.", event.name, "unknown_parameter"
+                    )
+                current = event.name
+                if current == "file":
+                    filename = event.filename
+                    if filename is None or not 1 <= len(filename) <= 255:
+                        raise ApiError(
+                            400, "The file's name must have 1 to 255 characters.", "file"
+                        )
+                    upload_id = await call(
+                        state.controller.begin_upload.remote(
+                            filename, _text(fields, "purpose"), api.max_files
+                        )
+                    )
+        reader.close()
+        await flush()
+        if "file" not in seen or upload_id is None or filename is None:
+            raise ApiError(400, "Missing required parameter: 'file' (a file part).", "file")
+        purpose = _text(fields, "purpose")
+        if purpose is None:
+            raise ApiError(400, "Missing required parameter: 'purpose'.", "purpose")
+        anchor = _text(fields, "expires_after[anchor]")
+        if anchor is not None and anchor != "created_at":
+            raise ApiError(
+                400, "expires_after[anchor] must be created_at.", "expires_after[anchor]"
+            )
+        doc = await call(
+            state.controller.finish_upload.remote(
+                upload_id, filename, purpose, api.max_files, api.max_file_store_bytes
+            )
+        )
+        upload_id = None  # stored: nothing to drop
+        return dict(doc)
+    finally:
+        if upload_id is not None:
+            with contextlib.suppress(Exception):
+                await call(state.controller.abort_upload.remote(upload_id), 10)
 
 
 @router.get("/v1/files", summary="List files")

@@ -2,12 +2,15 @@
 
 Contents live as plain files under one folder (``<state_dir>/files/<file_id>``), written to a
 temporary name, fsynced and renamed, so a file is either whole or absent; the metadata lives in a
-small SQLite table beside them. The Controller owns the store (it runs on the head node, where the
-folder is); the HTTP server reaches it through the Controller.
+small SQLite table beside them. An upload arrives in pieces, each appended to its temporary file
+as it comes (never whole in memory), within the store's quotas of files and bytes. The
+Controller owns the store (it runs on the head node, where the folder is); the HTTP server
+reaches it through the Controller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,64}$")
+UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 PURPOSES = ("batch", "batch_output")
+
+
+class QuotaExceeded(ValueError):
+    """The store holds as many files, or bytes, as it may (``api.max_files``,
+    ``api.max_file_store_bytes``)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files(
@@ -51,6 +61,8 @@ class FileStore:
         self._db.executescript(_SCHEMA)
         for leftover in self.folder.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
+        self._uploads: dict[str, int] = {}  # upload id -> bytes received so far
+        self._lines: dict[str, int] = {}  # file id -> requests in it (files never change)
 
     def path(self, file_id: str) -> Path:
         if not FILE_ID.match(file_id):
@@ -85,7 +97,123 @@ class FileStore:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.folder)
-        doc = {
+        doc = self._doc(file_id, size, filename, purpose, expires_at)
+        self._lines.pop(file_id, None)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO files(file_id, purpose, doc) VALUES (?, ?, ?)"
+                " ON CONFLICT(file_id) DO UPDATE SET doc = excluded.doc",
+                (file_id, purpose, json.dumps(doc)),
+            )
+        return doc
+
+    # ------------------------------------------------------------------ streamed uploads
+    def _upload_path(self, upload_id: str) -> Path:
+        if not UPLOAD_ID.match(upload_id) or upload_id not in self._uploads:
+            raise KeyError(upload_id)
+        return self.folder / f"upload-{upload_id}.tmp"
+
+    def begin_upload(self, max_files: int | None = None) -> str:
+        """Start a file that arrives in pieces (:meth:`append`, then :meth:`commit` or
+        :meth:`abort`); its bytes go to disk as they come."""
+        if max_files is not None and self.usage()[0] >= max_files:
+            raise QuotaExceeded(f"the file store holds {max_files} files (api.max_files)")
+        upload_id = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[upload_id] = 0
+        self._upload_path(upload_id).touch()
+        return upload_id
+
+    def append(self, upload_id: str, data: bytes, max_bytes: int | None = None) -> int:
+        """Add bytes to an upload; its size so far. Raises QuotaExceeded (and drops the upload)
+        once the store with it would hold more than ``max_bytes``."""
+        path = self._upload_path(upload_id)
+        size = self._uploads[upload_id] + len(data)
+        if max_bytes is not None and self.usage()[1] + size > max_bytes:
+            self.abort(upload_id)
+            raise QuotaExceeded(
+                f"the file store would hold more than {max_bytes} bytes (api.max_file_store_bytes)"
+            )
+        with open(path, "ab") as f:
+            f.write(data)
+        self._uploads[upload_id] = size
+        return size
+
+    def commit(
+        self,
+        upload_id: str,
+        *,
+        filename: str,
+        purpose: str,
+        expires_at: int | None = None,
+        max_files: int | None = None,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """Make an upload a file, durably, within the quotas (checked again, under the lock
+        that orders commits, so concurrent uploads cannot pass them together)."""
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}")
+        path = self._upload_path(upload_id)
+        with open(path, "ab") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        size = self._uploads[upload_id]
+        file_id = new_file_id()
+        doc = self._doc(file_id, size, filename, purpose, expires_at)
+        with self._lock:
+            count, stored = self._usage()
+            try:
+                if max_files is not None and count >= max_files:
+                    raise QuotaExceeded(f"the file store holds {max_files} files (api.max_files)")
+                if max_bytes is not None and stored + size > max_bytes:
+                    raise QuotaExceeded(
+                        f"the file store would hold more than {max_bytes} bytes "
+                        "(api.max_file_store_bytes)"
+                    )
+                os.rename(path, self.path(file_id))
+                _fsync_dir(self.folder)
+                self._db.execute(
+                    "INSERT INTO files(file_id, purpose, doc) VALUES (?, ?, ?)",
+                    (file_id, purpose, json.dumps(doc)),
+                )
+            finally:
+                self._uploads.pop(upload_id, None)
+                path.unlink(missing_ok=True)
+        return doc
+
+    def abort(self, upload_id: str) -> None:
+        with contextlib.suppress(KeyError):
+            self._upload_path(upload_id).unlink(missing_ok=True)
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    def usage(self) -> tuple[int, int]:
+        """Files stored and their bytes."""
+        with self._lock:
+            return self._usage()
+
+    def _usage(self) -> tuple[int, int]:
+        count, stored = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(json_extract(doc, '$.bytes')), 0) FROM files"
+        ).fetchone()
+        return int(count), int(stored)
+
+    def count_lines(self, file_id: str) -> int:
+        """The requests of a file: its lines that hold more than white space."""
+        known = self._lines.get(file_id)
+        if known is None:
+            with open(self.path(file_id), "rb") as f:
+                known = sum(1 for raw in f if raw.strip())
+            if len(self._lines) > 10_000:
+                self._lines.clear()
+            self._lines[file_id] = known
+        return known
+
+    @staticmethod
+    def _doc(
+        file_id: str, size: int, filename: str, purpose: str, expires_at: int | None
+    ) -> dict[str, Any]:
+        return {
             "id": file_id,
             "object": "file",
             "bytes": size,
@@ -96,13 +224,6 @@ class FileStore:
             "status_details": None,
             "expires_at": expires_at,
         }
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO files(file_id, purpose, doc) VALUES (?, ?, ?)"
-                " ON CONFLICT(file_id) DO UPDATE SET doc = excluded.doc",
-                (file_id, purpose, json.dumps(doc)),
-            )
-        return doc
 
     def get(self, file_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -137,6 +258,7 @@ class FileStore:
             cur = self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
         if cur.rowcount:
             self.path(file_id).unlink(missing_ok=True)
+            self._lines.pop(file_id, None)
         return bool(cur.rowcount)
 
     def close(self) -> None:

@@ -77,3 +77,9 @@ def check_item(url: Any, body: Any, api: ApiConfig) -> CheckedItem:
             f"body.n must be at most {api.max_n} on this server, got {request.n}", "body.n"
         )
     return CheckedItem(encode_payload(url, body), estimate_tokens(request), request.model)
+
+
+def oversized(payload: str, max_bytes: int) -> bool:
+    """Whether a payload passes ``queue.max_item_bytes`` (the queue would refuse it)."""
+    # A character is at most 4 bytes in UTF-8: short payloads need no encoding to be sure.
+    return len(payload) * 4 > max_bytes and len(payload.encode()) > max_bytes

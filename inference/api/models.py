@@ -120,6 +120,13 @@ class JobCreate(Strict):
 
     _metadata = field_validator("metadata")(_check_metadata)
 
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, value: str | None) -> str | None:
+        if value in (".", ".."):  # the pattern's characters, but not a folder of its own
+            raise ValueError(f"{value!r} is not a job id: it names no folder of its own")
+        return value
+
 
 class ItemIn(Strict):
     custom_id: str = Field(pattern=ID_PATTERN, description="The item's id, unique in its job.")

@@ -1,15 +1,18 @@
 """Native jobs: create a job, enqueue items into it (one or many, idempotent on ``custom_id``),
 read its state, and read one item (waiting for it with ``wait_s``: the urgent lane).
 
-``POST /v1/jobs/{job}/items`` is the hot path: one JSON parse straight into the strict model, the
-project's parser for each body, then one ``WorkQueue.enqueue`` call, which returns only once the
-items are durable. A refused item refuses the whole request: nothing of it is enqueued.
+``POST /v1/jobs/{job}/items`` is the hot path: a scan of the bytes that counts the items (a body
+over ``api.max_items_per_request`` is refused before any model is built), one JSON parse straight
+into the strict model, the project's parser for each body (an item over ``queue.max_item_bytes``
+is 413, naming it), then one ``WorkQueue.enqueue`` call, which returns only once the items are
+durable. A refused item refuses the whole request: nothing of it is enqueued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Annotated, Any
 
@@ -24,15 +27,16 @@ from inference.queue import NewItem
 from inference.shards import JobOutput
 
 from .http_errors import ApiError, validation_error
-from .items import ItemRejected, check_item, route
+from .items import ItemRejected, check_item, oversized, route
 from .models import ID_PATTERN, URGENT_PRIORITY, EnqueueRequest, EnqueueResponse, JobCreate
-from .state import ServerState, call
+from .state import ServerState, call, job_config
 from .views import job_object, page
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="The job's id.")]
 CustomId = Annotated[str, Path(pattern=ID_PATTERN, description="The item's custom_id.")]
 INLINE_BYTES = 64 << 10  # bodies up to this size are parsed on the event loop
+_CUSTOM_ID_KEY = re.compile(rb'"custom_id"\s*:')
 _ITEM_STATUS = {"pending": "pending", "leased": "running", "done": "completed", "dead": "failed"}
 
 
@@ -73,10 +77,11 @@ async def create_job(request: Request, body: JobCreate) -> dict[str, Any]:
     rec = await call(
         state.controller.create_job.remote(
             body.job_id,
-            config.model_dump(mode="json"),
+            job_config(config),
             state.config.output.path,
             body.metadata,
             body.completion_window,
+            max_open_jobs=state.config.api.max_open_jobs,
         )
     )
     return job_object(rec)
@@ -117,17 +122,10 @@ async def enqueue_items(request: Request, job_id: JobId) -> Response:
     api = state.config.api
     raw = await request.body()
     if len(raw) > INLINE_BYTES:  # a big body: parse off the event loop, others keep moving
-        payload = await run_in_threadpool(_parse, raw)
+        payload = await run_in_threadpool(_parse, raw, api.max_items_per_request)
     else:
-        payload = _parse(raw)
-    if len(payload.items) > api.max_items_per_request:
-        raise ApiError(
-            400,
-            f"items: at most {api.max_items_per_request} items per request, got "
-            f"{len(payload.items)}",
-            "items",
-            "too_many_items",
-        )
+        payload = _parse(raw, api.max_items_per_request)
+    _check_count(len(payload.items), api.max_items_per_request)  # keys escaped past the scan
     job = await state.native_job(job_id)
     await state.check_backlog(len(payload.items))
     if len(raw) > INLINE_BYTES:
@@ -149,11 +147,32 @@ async def enqueue_items(request: Request, job_id: JobId) -> Response:
     return Response(json.dumps(reply, separators=(",", ":")), media_type="application/json")
 
 
-def _parse(raw: bytes) -> EnqueueRequest:
+def _parse(raw: bytes, max_items: int) -> EnqueueRequest:
+    """The body as the strict model, once its items are known to be within the cap: a scan
+    of the bytes counts them first (every item has a ``custom_id`` key), and only a body the
+    scan finds over the cap is parsed to be sure (plain JSON, no models), then refused."""
+    if len(_CUSTOM_ID_KEY.findall(raw)) > max_items:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        items = data.get("items") if isinstance(data, dict) else None
+        if isinstance(items, list):
+            _check_count(len(items), max_items)
     try:
         return EnqueueRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error([dict(e) for e in exc.errors(include_url=False)]) from None
+
+
+def _check_count(count: int, max_items: int) -> None:
+    if count > max_items:
+        raise ApiError(
+            400,
+            f"items: at most {max_items} items per request, got {count}",
+            "items",
+            "too_many_items",
+        )
 
 
 def _checked_items(payload: EnqueueRequest, config: Config) -> list[NewItem]:
@@ -169,6 +188,14 @@ def _checked_items(payload: EnqueueRequest, config: Config) -> list[NewItem]:
             raise ApiError(
                 400, f"{param} ({item.custom_id}): {exc.message}", param, exc.code
             ) from None
+        if oversized(checked.payload, config.queue.max_item_bytes):
+            raise ApiError(
+                413,
+                f"items[{i}] ({item.custom_id}): the item is larger than "
+                f"{config.queue.max_item_bytes} bytes (queue.max_item_bytes)",
+                f"items[{i}]",
+                "item_too_large",
+            )
         priority = URGENT_PRIORITY if item.urgent else item.priority
         items.append(NewItem(item.custom_id, checked.payload, checked.tokens, priority, pool))
     return items

@@ -1,4 +1,7 @@
-"""``/v1/batches``: OpenAI's Batch API (create, retrieve, list, cancel) over the Controller."""
+"""``/v1/batches``: OpenAI's Batch API (create, retrieve, list, cancel) over the Controller.
+
+Creating a batch passes the same backlog cap as a native enqueue (429 with ``Retry-After``,
+counting the file's requests) and the cap on open jobs (``api.max_open_jobs``)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from .models import BatchCreate
-from .state import ServerState, call
+from .state import ServerState, call, job_config
 from .views import batch_object, page
 
 router = APIRouter(tags=["batches"])
@@ -17,16 +20,21 @@ BatchId = Annotated[str, Path(max_length=128, description="A batch id (batch_...
 @router.post("/v1/batches", summary="Create a batch from an uploaded file")
 async def create_batch(request: Request, body: BatchCreate) -> dict[str, Any]:
     state: ServerState = request.app.state.inference
+    # The backlog cap of native enqueues holds for batches too, before anything is created.
+    requests = int(await call(state.controller.file_requests.remote(body.input_file_id)))
+    await state.check_backlog(requests)
     rec = await call(
         state.controller.create_batch.remote(
             body.input_file_id,
             body.endpoint,
             body.completion_window,
             body.metadata,
-            state.config.model_dump(mode="json"),
+            job_config(state.config),
             state.config.output.path,
+            max_open_jobs=state.config.api.max_open_jobs,
         )
     )
+    state.accepted_since_snapshot += requests  # the loop enqueues them within a tick
     return batch_object(rec)
 
 

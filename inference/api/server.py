@@ -87,6 +87,8 @@ def serve(
     from inference.runner import queue_db_path
 
     config = server_config(config_path, host, port, workers)
+    # The tokens are in the config now: the Ray processes started next inherit none of them.
+    os.environ.pop("INFERENCE_API_TOKENS", None)
     connect()
     queue = get_or_create_queue(
         queue_db_path(config, config.output.path), config.queue.max_item_bytes

@@ -518,7 +518,11 @@ def test_bad_items_are_refused_naming_the_field_and_nothing_is_enqueued(
     assert http.get("/v1/jobs/native-bad").json()["request_counts"]["total"] == 0
     assert http.post("/v1/jobs/nope/items", json={"items": [good]}).status_code == 404
     assert http.get("/v1/jobs/native-bad/items/missing").status_code == 404
-    garbage = http.post("/v1/jobs/native-bad/items", content=b"{not json")
+    garbage = http.post(
+        "/v1/jobs/native-bad/items",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     assert garbage.status_code == 400
 
 
@@ -611,7 +615,7 @@ def test_limits_give_413_and_429(services: Any) -> None:
     tight = config.with_updates(
         api={"max_body_bytes": 2048, "max_backlog_items": 1, "max_items_per_request": 2}
     )
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     with (
         live_server(create_app(tight, queue, controller)) as url,
         httpx.Client(base_url=url, headers=headers) as http,
