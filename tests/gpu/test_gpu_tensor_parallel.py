@@ -43,7 +43,7 @@ def test_a_tp2_job_runs_vllm_rank_actors_in_the_workers_placement_group(
     import ray
     from ray.util import placement_group_table
 
-    from tests.integration.test_crash import run_in_thread
+    from tests.faults.harness import run_in_thread
     from tests.integration.test_vllm_job import chat_body, rows, write_jsonl
 
     config = load_config(REPO / "configs/vllm-gpu.yaml").with_updates(

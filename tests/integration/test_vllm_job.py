@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletion
 from inference.config import load_config
 from inference.export import output_jsonl
 from tests.conftest import REPO
-from tests.integration.test_crash import assert_exactly_once, run_in_thread, worker_infos
+from tests.faults.harness import assert_exactly_once, run_in_thread, worker_infos
 
 
 def write_jsonl(path: Path, bodies: list[tuple[str, dict[str, Any]]]) -> Path:

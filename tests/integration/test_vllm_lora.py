@@ -27,7 +27,7 @@ from inference.schema import Request, Result
 from inference.shards import read_results
 from tests.conftest import REPO
 from tests.engine_contract import chat
-from tests.integration.test_crash import assert_exactly_once, run_in_thread
+from tests.faults.harness import assert_exactly_once, run_in_thread
 
 ADAPTERS = ["a", "b", "c", "d"]
 PROMPTS = ["Once upon a time", "The capital of France is", "Hello! How are you today?"]
