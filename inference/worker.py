@@ -22,6 +22,13 @@ exception from a queue call, a write, a bug), the worker stops at once rather th
 heartbeat what it can no longer commit: what it holds is failed back to the queue with the
 reason (an attempt charged, so a cause that repeats ends in the dead letters) and ``run`` raises
 :class:`~inference.errors.WorkerError`, which the pool counts as a lost worker and replaces.
+
+An item leased as a *suspect* (a worker was lost, or its lease expired, while it held the item
+before) may be a poison item that kills its process. It is never run beside other items: the
+worker stops leasing, gives back what it had not started (no attempt charged), commits every
+result it holds, and only then runs the suspect alone and commits it. A poison item then
+kills its worker alone and reaches the dead letters after ``max_attempts``, while the items
+that shared its first batch complete (split and retry).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import os
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -96,6 +104,8 @@ class InferenceWorker:
         self.continuous = is_continuous(self.engine)
         self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
         self._held_lock = threading.Lock()
+        self._suspects: deque[Prepared] = deque()  # run alone, one at a time (see above)
+        self._isolating = threading.Event()  # a suspect runs: the lease thread leases nothing
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
         self._pending_lock = threading.Lock()
         self._outputs: dict[str, JobOutput] = {}
@@ -134,7 +144,7 @@ class InferenceWorker:
             "node": self.node,
             "pid": os.getpid(),
             "held": held,
-            "buffered": len(self.batcher),
+            "buffered": len(self.batcher) + len(self._suspects),
             "in_flight": self.engine.in_flight() if self.continuous else 0,  # type: ignore[attr-defined]
             "gpus": ray.get_gpu_ids(),
             "fatal": self._fatal or self._failure,
@@ -185,6 +195,7 @@ class InferenceWorker:
             lease_thread.join()
             cause = "engine_fatal" if self._fatal else "drained"
             unstarted = self.batcher.drain() + (self._engine_abort() if self.continuous else [])
+            unstarted += self._take_suspects()
             if self._failure is None:
                 self._release(unstarted, cause)
             self._writer_stop.set()
@@ -204,13 +215,16 @@ class InferenceWorker:
     def _batches(self, lease_thread: threading.Thread) -> None:
         """Batch at a time: the fullest batch the buffer gives, run in isolation."""
         while not self._stopping.is_set():
+            if self._suspects:
+                self._isolate(lambda item: self._run_batch([item]))
+                continue
             batch = self.batcher.take()
             if batch:
                 self._state = "busy"
                 self._run_batch(batch)
                 continue
             self._state = "leasing"
-            if self._draining.is_set() and not lease_thread.is_alive():
+            if self._draining.is_set() and not lease_thread.is_alive() and not self._suspects:
                 break
             if self._queue_empty.is_set():
                 self._flush_now.set()  # nothing more is coming soon: commit what we have
@@ -224,9 +238,12 @@ class InferenceWorker:
         while not self._stopping.is_set():
             in_flight = engine.in_flight()
             # A continuous engine's in-flight limits are the batcher's batch limits.
+            if self._suspects and not in_flight:
+                self._isolate(self._run_alone)
+                continue
             room = self.batcher.max_batch_size - in_flight
             budget = self.batcher.max_batch_tokens - engine.in_flight_tokens()
-            if room > 0 and (budget > 0 or not in_flight):
+            if not self._suspects and room > 0 and (budget > 0 or not in_flight):
                 new = self.batcher.take_fill(room, budget, 0.0 if in_flight else wait_s)
                 if new:
                     refused = engine.submit(new)
@@ -234,7 +251,12 @@ class InferenceWorker:
                         self._fail([(item.key, error) for item, error in refused])
             if not engine.in_flight():
                 self._state = "leasing"
-                if self._draining.is_set() and not lease_thread.is_alive() and not self.batcher:
+                if (
+                    self._draining.is_set()
+                    and not lease_thread.is_alive()
+                    and not self.batcher
+                    and not self._suspects
+                ):
                     return
                 if self._queue_empty.is_set():
                     self._flush_now.set()
@@ -261,6 +283,63 @@ class InferenceWorker:
             self.engine.close()
         except Exception as exc:
             logger.warning("engine close failed worker=%s: %s", self.worker_id, exc)
+
+    # ------------------------------------------------------------------ suspects
+    def _take_suspects(self) -> list[Prepared]:
+        taken: list[Prepared] = []
+        while self._suspects:
+            taken.append(self._suspects.popleft())
+        return taken
+
+    def _isolate(self, run_alone: Callable[[Prepared], None]) -> None:
+        """Run the next suspect with nothing else held: what was waiting goes back uncharged
+        (other suspects too: the queue leases a suspect alone, but a worker does not count on
+        it) and every result is committed first, so a suspect that kills the process takes
+        only itself down; its own result is committed before anything else is leased."""
+        self._isolating.set()  # before the suspect leaves the deque the lease thread watches
+        try:
+            item = self._suspects.popleft()
+            self._release(self.batcher.drain() + self._take_suspects())
+            if not self._settle_held(keep={item.key.token}):
+                self._suspects.appendleft(item)  # stopping: run() hands it back with the rest
+                return
+            logger.info(
+                "running a suspect alone worker=%s item=%s", self.worker_id, item.extra["item_id"]
+            )
+            self._state = "busy"
+            run_alone(item)
+            self._settle_held(keep=set())
+        finally:
+            self._isolating.clear()
+
+    def _settle_held(self, keep: set[LeaseToken]) -> bool:
+        """Wait until the writer has committed every result: nothing is held but ``keep``.
+        False when the worker stops first."""
+        while not self._stopping.is_set():
+            with self._held_lock:
+                if set(self._held) <= keep:
+                    return True
+            self._flush_now.set()
+            time.sleep(0.01)
+        return False
+
+    def _run_alone(self, item: Prepared) -> None:
+        """A continuous engine with one request in it, stepped until it is done."""
+        engine: ContinuousEngine = self.engine  # type: ignore[assignment]
+        refused = engine.submit([item])
+        if refused:
+            self._fail([(it.key, error) for it, error in refused])
+            return
+        started = time.monotonic()
+        finished: list[tuple[Prepared, Result | ItemError]] = []
+        while engine.in_flight() and not self._stopping.is_set():
+            finished += engine.step()
+        elapsed = time.monotonic() - started
+        self._counters["busy_s"] += elapsed
+        if finished:
+            self._counters["batches"] += 1
+            self._counters["items"] += len(finished)
+            self._settle(finished, elapsed / len(finished))
 
     def _engine_abort(self) -> list[Prepared]:
         engine: ContinuousEngine = self.engine  # type: ignore[assignment]
@@ -333,7 +412,8 @@ class InferenceWorker:
                     self._heartbeat()
                     last_beat = time.monotonic()
                 room = self.prefetch_items - len(self.batcher)
-                if room <= 0:
+                if room <= 0 or self._suspects or self._isolating.is_set():
+                    # (a suspect runs with nothing else held)
                     time.sleep(0.005)
                     continue
                 leased = ray.get(
@@ -349,7 +429,9 @@ class InferenceWorker:
                 self._accept(leased)
                 fault("after_lease")
             # Drain: keep heartbeating until the engine loop has settled what we hold.
-            while not self._stopping.is_set() and (len(self.batcher) or self._holding()):
+            while not self._stopping.is_set() and (
+                len(self.batcher) or self._suspects or self._holding()
+            ):
                 if time.monotonic() - last_beat > self.lease_s / 3:
                     self._heartbeat()
                     last_beat = time.monotonic()
@@ -366,6 +448,7 @@ class InferenceWorker:
     def _accept(self, leased: list[LeasedItem]) -> None:
         now = time.monotonic()
         prepared: list[Prepared] = []
+        suspects: list[Prepared] = []
         refused: list[tuple[LeasedItem, ItemError]] = []
         with self._held_lock:
             for item in leased:
@@ -385,10 +468,12 @@ class InferenceWorker:
             p.extra["leased_at"] = now
             p.extra["job"] = item.job_id
             p.extra["item_id"] = item.item_id
-            prepared.append(p)
+            (suspects if item.suspect else prepared).append(p)
         if refused:
             self._fail(refused)
         self.batcher.add(prepared)
+        # After the others: the engine loop, seeing a suspect, gives back what the buffer holds.
+        self._suspects.extend(suspects)
 
     def _heartbeat(self) -> None:
         with self._held_lock:

@@ -98,6 +98,9 @@ class LeasedItem(NamedTuple):
     payload: str
     attempts: int
     tokens: int
+    # A worker was lost, or a lease expired, while it held the item: it may be what killed
+    # its worker (a poison item), so the worker runs it alone, never beside other items.
+    suspect: bool = False
 
 
 class Refusal(NamedTuple):

@@ -92,7 +92,7 @@ _MESSAGE_MAX = 2000
 _INSERT_CHUNK = 128  # rows per multi-row INSERT (one statement binds them all in C)
 
 _PICK_SQL = (
-    "SELECT id, epoch, item_id, payload, attempts, tokens FROM items"
+    "SELECT id, epoch, item_id, payload, attempts, tokens, n_lost + n_expired > 0 FROM items"
     " WHERE job_id = ? AND pool = ? AND priority = ? AND state = 0 ORDER BY id LIMIT ?"
 )
 # The picked rows are exactly the first ones of the partial index, so a range takes them all.
@@ -261,12 +261,15 @@ class QueueStore:
     def job_ids(self) -> list[str]:
         return list(self._m.jobs)
 
-    def set_job_state(self, job_id: str, state: str) -> None:
+    def set_job_state(self, job_id: str, state: str, reason: str = "cancelled") -> None:
         """``active`` (resume), ``paused`` or ``cancelled``. Cancelling dead-letters the job's
-        pending items with code ``cancelled`` so every accepted item still ends somewhere;
+        pending items with the code ``reason`` (``cancelled``, or ``expired`` when the job's
+        completion window passed) so every accepted item still ends somewhere, saying why;
         leased ones finish, or expire and then go to the dead letters too."""
         if state not in ("active", "paused", "cancelled"):
             raise QueueError(f"job state must be active, paused or cancelled, not {state!r}")
+        if reason not in _END_MESSAGES:
+            raise QueueError(f"a job ends cancelled or expired, not {reason!r}")
         job = self._m.job(job_id)
         if job.state == "cancelled" and state != "cancelled":
             raise QueueError(f"job {job_id!r} is cancelled")
@@ -278,12 +281,14 @@ class QueueStore:
                 for old in BACKLOG:
                     moved[old] = self._db.execute(
                         "UPDATE items SET state = 3, error_kind = 'permanent',"
-                        " error_code = 'cancelled', error_message = 'the job was cancelled',"
+                        " error_code = ?, error_message = ?,"
                         f" finished_at = ? WHERE job_id = ? AND state = {old}"
                         " RETURNING job_id, priority, tokens, pool",
-                        (now, job_id),
+                        (reason, _END_MESSAGES[reason], now, job_id),
                     ).fetchall()
         job.state = state
+        if state == "cancelled" and job.end_code == "cancelled":  # the first reason holds
+            job.end_code = reason
         for old, moves in moved.items():
             self._m.tally(moves, old, DEAD)
         logger.info("job state job=%s state=%s", job_id, state)
@@ -395,6 +400,7 @@ class QueueStore:
                 sizes = [[row[5] for row in rows] for rows in picks]
                 keep = fit_token_budget(sizes, [p for _, _, p, _ in plan], max_tokens)
                 picks = [rows[:k] for rows, k in zip(picks, keep, strict=True)]
+            picks = _alone_if_suspect(picks)
             for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
                 if rows:
                     taken = self._db.execute(
@@ -406,13 +412,15 @@ class QueueStore:
         out: Packed[LeasedItem] = Packed()
         for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
             tokens_sum = 0
-            for item_id, epoch, name, payload, attempts, tokens in rows:
+            for item_id, epoch, name, payload, attempts, tokens, suspect in rows:
                 lease = Lease(
                     epoch + 1, deadline, lease_s, job_id, priority, tokens, attempts, worker, lane
                 )
                 self._m.leases[item_id] = lease
                 out.append(
-                    LeasedItem((item_id, epoch + 1), job_id, name, payload, attempts, tokens)
+                    LeasedItem(
+                        (item_id, epoch + 1), job_id, name, payload, attempts, tokens, bool(suspect)
+                    )
                 )
                 tokens_sum += tokens
             job = self._m.jobs[job_id]
@@ -549,7 +557,7 @@ class QueueStore:
             job = self._m.jobs[lease.job_id]
             code = None
             if job.state == "cancelled":
-                code = "cancelled"
+                code = job.end_code
             elif column and lease.attempts + 1 >= job.spec.max_attempts:
                 code = cause
             moves.append((item_id, lease, PENDING if code is None else DEAD))
@@ -950,9 +958,33 @@ def _insert_sql(n_rows: int) -> str:
     return _INSERT_SQL[n_rows]
 
 
+def _alone_if_suspect(picks: list[list[Any]]) -> list[list[Any]]:
+    """A lease stops before the first suspect item (one whose worker was lost, or whose lease
+    expired: it may kill its worker), and a suspect first in line is leased alone: it never
+    shares a lease, so its worker can run it beside nothing. Prefixes of each lane's rows, as
+    the range update that takes them needs."""
+    out: list[list[Any]] = []
+    for rows in picks:
+        first = next((j for j, row in enumerate(rows) if row[6]), None)
+        if first is None:
+            out.append(rows)
+            continue
+        taken = any(out)
+        out.append(rows[:first] if first or taken else rows[:1])
+        out.extend([] for _ in range(len(picks) - len(out)))
+        break
+    return out
+
+
+_END_MESSAGES = {
+    "cancelled": "the job was cancelled",
+    "expired": "the job expired: its completion window passed before the item was done",
+}
+
+
 def _dead_message(code: str, attempts: int) -> str:
-    if code == "cancelled":
-        return "the job was cancelled"
+    if code in _END_MESSAGES:
+        return _END_MESSAGES[code]
     ended = {"lease_expired": "its lease expired", "worker_lost": "its worker was lost"}
     return f"{attempts} attempt(s) spent; the last one ended because {ended.get(code, code)}"
 
