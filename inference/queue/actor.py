@@ -141,8 +141,8 @@ class WorkQueue:
     def job_spec(self, job_id: str) -> JobSpec:
         return self._store.job_spec(job_id)
 
-    def set_job_state(self, job_id: str, state: str) -> None:
-        self._store.set_job_state(job_id, state)
+    def set_job_state(self, job_id: str, state: str, reason: str = "cancelled") -> None:
+        self._store.set_job_state(job_id, state, reason)
 
     def enqueue(self, job_id: str, items: Sequence[NewItem]) -> EnqueueResult:
         return self._store.enqueue(job_id, items, max_item_bytes=self._max_item_bytes)
@@ -165,7 +165,27 @@ class WorkQueue:
         return self._store.release(tokens, cause)
 
     def release_worker(self, worker: str, cause: str = "worker_lost") -> int:
-        return self._store.release_worker(worker, cause)
+        """Return every item a worker holds; the worker is gone (its run ended, or it was
+        killed), so the shards it declared and never committed are aborted and their
+        temporary files removed now, not at the queue's next start."""
+        released = self._store.release_worker(worker, cause)
+        for shard in self._store.declared_shards():
+            if shard["worker"] == worker:
+                self._drop_declared(shard)
+        return released
+
+    def _drop_declared(self, shard: dict[str, Any]) -> None:
+        try:
+            self._output(shard["job_id"]).remove(shard["tmp_path"])
+        except (OSError, OutputError) as exc:
+            logger.warning(
+                "shard %s/%d: cannot remove %s: %s",
+                shard["job_id"],
+                shard["n"],
+                shard["tmp_path"],
+                exc,
+            )
+        self._store.abort_shard(shard["job_id"], shard["n"])
 
     def complete(self, tokens: Sequence[LeaseToken], shard: int | None = None) -> list[Refusal]:
         """Mark leased items done, fenced (for consumers that keep results elsewhere; shard
@@ -198,6 +218,9 @@ class WorkQueue:
         if shard["state"] == "committed":  # a retried call after the actor restarted
             return CommitResult(True, [], "already committed")
         if shard["state"] != "declared":
+            # Aborted (its worker was released, say): a late writer's file is never shown.
+            with contextlib.suppress(OSError, OutputError):
+                self._output(job_id).remove(shard["tmp_path"])
             return CommitResult(False, [], f"shard is {shard['state']}")
         output = self._output(job_id)
         self._store.expire_leases()

@@ -85,6 +85,30 @@ def test_a_zombie_workers_calls_are_refused_through_the_actor(queue: Any) -> Non
     assert (item["state"], item["attempts_by_cause"]["lease_expired"]) == ("done", 1)
 
 
+def test_a_lost_workers_uncommitted_shard_is_aborted_and_its_file_removed_at_once(
+    queue: Any, tmp_path: Path
+) -> None:
+    """A worker lost between writing its shard and committing it leaves a temporary file:
+    releasing the worker aborts the shard and removes the file (not at the queue's next
+    start), and a late commit of it (a writer that outlived the release) shows nothing."""
+    job_id = f"lostshard-{uuid.uuid4().hex[:8]}"
+    settings = {"output_path": str(tmp_path / "out"), "output_format": "parquet"}
+    ray.get(queue.create_job.remote(JobSpec(job_id, pool=job_id, settings=settings)))
+    ray.get(queue.enqueue.remote(job_id, _items("s", 2)))
+    leased = ray.get(queue.lease.remote("w-lost", 2, None, 30.0, job_id))
+    declared = ray.get(queue.declare_shard.remote(job_id, [i.token for i in leased], "w-lost"))
+    tmp = Path(declared.tmp_path)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"half a shard")
+    assert ray.get(queue.release_worker.remote("w-lost")) == 2
+    assert not tmp.exists()
+    tmp.write_bytes(b"the late writer")
+    result = ray.get(queue.commit_shard.remote(job_id, declared.n, 2, 15))
+    assert not result.committed and "aborted" in result.reason
+    assert not tmp.exists() and not Path(declared.path).exists()
+    assert ray.get(queue.committed_shards.remote(job_id)) == []
+
+
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
