@@ -61,6 +61,7 @@ CONTROLLER_NAME = "Controller"
 TICK_S = 1.0
 ACTIVE = ("validating", "queued", "running", "finalizing", "cancelling", "expiring")
 FINAL = ("completed", "failed", "cancelled", "expired")
+_ENDING = {"cancelling": "cancelled", "expiring": "expired"}  # -> the dead letters' code
 _WINDOW = re.compile(r"^([1-9]\d{0,6})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -580,7 +581,7 @@ class Controller:
                 rec["end_reason"] = "expired"
                 self._set(rec, "expiring")
             if st is not None:
-                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled", "expired"))
             return
         if status == "validating":
             self._start_batch(rec)
@@ -599,7 +600,7 @@ class Controller:
                         return
                     rec["end_reason"] = "expired"
                     self._set(rec, "expiring")
-                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled"))
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled", "expired"))
                 return
             if st["total"] == 0:
                 return
@@ -663,7 +664,7 @@ class Controller:
                 try:
                     ray.get(self._queue.enqueue.remote(rec["id"], chunk))
                 except QueueError:
-                    if rec["status"] == "cancelling":  # cancelled meanwhile: no more lines
+                    if rec["status"] in _ENDING:  # cancelled or expired meanwhile: no more lines
                         break
                     self._refused_lines(rec, chunk, lines)
                     raise
@@ -677,12 +678,14 @@ class Controller:
             return
         rec["model"] = check.model
         with self._lock:
-            cancelled = rec["status"] == "cancelling"
-            if not cancelled:
+            ending = _ENDING.get(rec["status"])
+            if ending is None:
                 self._set(rec, "running", "in_progress")
-        state = "cancelled" if cancelled else "active"
         with contextlib.suppress(QueueError):  # cancelled already: it stays so
-            ray.get(self._queue.set_job_state.remote(rec["id"], state))
+            if ending is None:
+                ray.get(self._queue.set_job_state.remote(rec["id"], "active"))
+            else:
+                ray.get(self._queue.set_job_state.remote(rec["id"], "cancelled", ending))
         self._wake.set()
 
     def _refused_lines(self, rec: dict[str, Any], chunk: list[Any], lines: list[int]) -> None:

@@ -175,8 +175,8 @@ def error_line(dead: dict[str, Any], end_reason: str | None = None) -> dict[str,
         "error": None,
     }
     code = dead.get("error_code") or "error"
-    if code == "cancelled":
-        expired = end_reason == "expired"
+    if code in ("cancelled", "expired"):  # the queue's code for an item its job's end stopped
+        expired = code == "expired" or end_reason == "expired"
         line["error"] = {
             "code": "batch_expired" if expired else "batch_cancelled",
             "message": _EXPIRED if expired else _CANCELLED,

@@ -61,6 +61,7 @@ class Job(Tally):
     created_at: float
     attempts_by_cause: Counter[str] = field(default_factory=Counter)
     next_shard: int = 0
+    end_code: str = "cancelled"  # the dead letters' code once cancelled: cancelled or expired
     pools: dict[str, Tally] = field(default_factory=dict)  # the job's items by engine pool
     schedule: Schedule = field(init=False)
 

@@ -93,10 +93,11 @@ def dead_letters(
 
 
 def dead_reason(kind: str | None, code: str | None) -> str:
-    """Why an item is a dead letter: ``cancelled``, ``permanent_error`` or
-    ``attempts_exhausted`` (transient errors, expired leases or lost workers, to the limit)."""
-    if code == "cancelled":
-        return "cancelled"
+    """Why an item is a dead letter: ``cancelled``, ``expired`` (its job's completion window
+    passed), ``permanent_error`` or ``attempts_exhausted`` (transient errors, expired leases or
+    lost workers, to the limit)."""
+    if code in ("cancelled", "expired"):
+        return code
     if kind == "permanent":
         return "permanent_error"
     return "attempts_exhausted"

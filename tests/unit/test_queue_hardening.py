@@ -238,3 +238,59 @@ def test_a_second_work_queue_on_the_same_database_waits_for_the_first(
     with pytest.raises(DatabaseOwned):
         actor.WorkQueue(str(db))
     os.close(first._owner_lock)
+
+
+# ------------------------------------------------------------------ suspects
+def test_items_held_by_a_lost_worker_or_an_expired_lease_come_back_as_suspects(
+    tmp_path: Path,
+) -> None:
+    """A worker that dies takes no item's name with it: every item it held may be the poison
+    one, so each comes back marked ``suspect`` and leased alone. Items that were only given
+    back (a drain) or failed by the engine are not suspects."""
+    clock, wall = Clock(1000.0), Clock(1.7e9)
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store.create_job(_spec())
+    store.enqueue("j", _items("lost1", "lost2", "slow", "drained", "failed"))
+    first = {i.item_id: i for i in store.lease("w1", 5, lease_s=30)}
+    assert not any(i.suspect for i in first.values())
+    store.release([first["drained"].token], "drained")
+    store.fail([first["failed"].token], "transient", "engine_error", "boom")
+    store.extend([first["lost1"].token, first["lost2"].token], 300)
+    clock.t += 60  # the lease of "slow" expires; the others were extended
+    store.lease("w2", 0)  # a call that sweeps
+    assert store.release_worker("w1") == 2
+    clock.t += 3600  # past any backoff
+    wall.t += 3600
+    leases = []
+    while leased := store.lease("w3", 5, lease_s=30):
+        leases.append([(i.item_id, i.suspect) for i in leased])
+    # A suspect is leased alone (so its worker can run it beside nothing), and a lease stops
+    # before one: FIFO order holds.
+    assert leases == [
+        [("lost1", True)],
+        [("lost2", True)],
+        [("slow", True)],
+        [("drained", False), ("failed", False)],
+    ]
+
+
+def test_an_expired_job_dead_letters_its_items_as_expired_not_cancelled(tmp_path: Path) -> None:
+    """A job whose completion window passed ends like a cancelled one, but its dead letters say
+    it expired: those waiting at once, a leased one when its lease comes back."""
+    clock = Clock(1000.0)
+    store = QueueStore(tmp_path / "q.sqlite", clock=clock)
+    store.create_job(_spec())
+    store.enqueue("j", _items("running", "waiting"))
+    (leased,) = store.lease("w1", 1, lease_s=30)
+    assert leased.item_id == "running"
+    store.set_job_state("j", "cancelled", "expired")
+    clock.t += 60
+    store.release_worker("w1")
+    dead = {d["custom_id"]: d for d in store.dead_letters("j")}
+    assert {c: (d["error_code"], d["reason"]) for c, d in dead.items()} == {
+        "running": ("expired", "expired"),
+        "waiting": ("expired", "expired"),
+    }
+    assert "completion window" in dead["waiting"]["message"]
+    with pytest.raises(QueueError, match="cancelled or expired"):
+        store.set_job_state("j", "cancelled", "bored")
