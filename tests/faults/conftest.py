@@ -56,6 +56,13 @@ ELSEWHERE: list[tuple[int, str, str]] = [
         "own loopback gRPC, which a TCP proxy cannot sit in; Toxiproxy not installed (RPC "
         "failures: case 14)",
     ),
+    (
+        19,
+        "job expiry; DLQ redrive",
+        "tests/integration/test_api.py (a batch past its window: batch_expired lines), "
+        "tests/unit/test_queue_hardening.py (dead letters say expired), tests/unit/test_store.py "
+        "(redrive of a completed id does nothing)",
+    ),
     (20, "oversized / malformed fields", "tests/integration/test_api.py, test_api_schema.py"),
     (21, "output path escapes", "tests/unit/test_shards.py, tests/integration/test_api.py"),
     (22, "tokens, bind address, Host", "tests/integration/test_api.py, test_api_serve.py"),

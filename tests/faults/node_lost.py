@@ -8,6 +8,7 @@ fresh node added. Writes what happened to OUT as JSON; the test checks the outpu
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -27,6 +28,10 @@ def main(ray_tmp: str, work: Path, out: Path, seed: int) -> None:
 
     rng = random.Random(seed)
     result: dict[str, Any] = {}
+    # Cluster writes its address to <RAY_TMPDIR or /tmp>/ray/ray_current_cluster and does not
+    # create the folder: a fresh machine has none. Keep it in this scenario's own temp dir.
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "temp_dir": ray_tmp, "_system_config": SYSTEM_CONFIG},
