@@ -24,12 +24,12 @@ reason (an attempt charged, so a cause that repeats ends in the dead letters) an
 :class:`~inference.errors.WorkerError`, which the pool counts as a lost worker and replaces.
 
 An item leased as a *suspect* (a worker was lost, or its lease expired, while it held the item
-before) may be a poison item that kills its process. It is never run beside other items: the
-worker stops leasing, gives back what it had not started (no attempt charged), commits every
-result it holds, and only then runs the suspect alone and commits it. A poison item then
-kills its worker alone and reaches the dead letters after ``max_attempts``, while the items
-that shared its first batch complete (split and retry).
-"""
+before) may be a poison item that kills its process. With an engine that runs in the worker's
+process (transformers, vLLM) it never runs beside other items: the worker stops leasing, gives
+back what it had not started (no attempt charged), commits every result it holds, and only then
+runs the suspect alone and commits it. A poison item then kills its worker alone and reaches the
+dead letters after ``max_attempts``, while the items that shared its first batch complete
+(split and retry)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,9 @@ class InferenceWorker:
         self._held: dict[LeaseToken, str] = {}  # token -> job id, everything leased and unsettled
         self._held_lock = threading.Lock()
         self._suspects: deque[Prepared] = deque()  # run alone, one at a time (see above)
+        # A remote engine runs nothing of an item in this process, so no item can crash it:
+        # alone, a suspect would only cost a request or a provider batch of its own.
+        self._isolate_suspects = not config.engine.remote
         self._isolating = threading.Event()  # a suspect runs: the lease thread leases nothing
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
         self._pending_lock = threading.Lock()
@@ -468,7 +471,7 @@ class InferenceWorker:
             p.extra["leased_at"] = now
             p.extra["job"] = item.job_id
             p.extra["item_id"] = item.item_id
-            (suspects if item.suspect else prepared).append(p)
+            (suspects if item.suspect and self._isolate_suspects else prepared).append(p)
         if refused:
             self._fail(refused)
         self.batcher.add(prepared)

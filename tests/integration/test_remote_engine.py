@@ -10,10 +10,7 @@ workers under one cluster-wide limit."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +18,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import ray
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from inference.config import Config, parse_config
-from inference.pool import WorkerPool
-from inference.queue.actor import get_or_create_queue
-from inference.queue.records import NewItem, Packed
-from inference.runner import job_spec
 from inference.shards import read_results
 from tests.checker import check
 
@@ -345,47 +337,3 @@ def test_a_bad_key_fails_the_workers_and_never_the_items(
         summary = run_job(path, config, job_id="remote-401")  # resumed with a good key
     assert (summary.done, summary.dead) == (10, 0)
     assert_exactly_once(summary, queue_db, "remote-401", 10)
-
-
-@pytest.mark.timeout(600)
-def test_a_poison_item_on_a_continuous_engine_takes_only_itself_down(
-    ray_cluster: Path, queue_db: Path, tmp_path: Path, vllm_openai_server: str
-) -> None:
-    """A remote engine keeps every item in flight at once, so the poison item's crash (its
-    worker's process exits) takes all of them down the first time. They come back as suspects,
-    each runs alone on the continuous path, and only the poison item reaches the dead letters,
-    after max_attempts crashes; each of the others was charged that one crash at most."""
-    config = remote_config(tmp_path, queue_db, vllm_openai_server, queue={"max_attempts": 2})
-    queue = get_or_create_queue(queue_db)
-    job_id = f"poison-{uuid.uuid4().hex[:6]}"
-    spec = dataclasses.replace(job_spec(config, job_id, config.output.path), pool=job_id)
-    ray.get(queue.create_job.remote(spec))
-    items = [
-        {"custom_id": f"c-{i}", "url": "/v1/chat/completions", "body": _chat(i)} for i in range(12)
-    ]
-    ray.get(
-        queue.enqueue.remote(
-            job_id, Packed(NewItem(r["custom_id"], json.dumps(r), 8) for r in items)
-        )
-    )
-    poison = "c-5"
-    env = {"env_vars": {"INFERENCE_FAULT_ITEMS": json.dumps({poison: "exit"})}}
-    pool = WorkerPool(config, job_id, queue, runtime_env=env)
-    pool.start(1)
-    try:
-        deadline = time.monotonic() + 300
-        while (stats := ray.get(queue.stats.remote(job_id)))["pending"] + stats["leased"]:
-            assert time.monotonic() < deadline, stats
-            pool.check(replace=True)
-            time.sleep(0.2)
-    finally:
-        pool.drain(timeout_s=30)
-    assert (stats["done"], stats["dead"]) == (11, 1)
-    dead = ray.get(queue.dead_letters.remote(job_id, 10, 0))
-    assert [(d["custom_id"], d["attempts"]) for d in dead] == [(poison, 2)]
-    assert pool.lost == 2  # the poison's two crashes, and no other
-    charged = {
-        r["custom_id"]: r["attempts"]
-        for r in read_results(config.output.path + "/" + job_id).to_pylist()
-    }
-    assert len(charged) == 11 and max(charged.values()) <= 2

@@ -172,6 +172,53 @@ def test_a_killed_engine_core_hands_its_items_back_uncharged_and_the_job_complet
     assert not vllm_processes_after(15), "vLLM processes left behind"
 
 
+def test_a_poison_item_kills_its_vllm_worker_alone(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """The continuous path keeps every item in flight at once, so the poison item's crash (its
+    worker's process exits) takes all of them down the first time. They come back as suspects
+    and each runs alone in the next worker's engine; only the poison item reaches the dead
+    letters, after its second crash (max_attempts 2), and each other item paid one crash."""
+    import dataclasses
+    import uuid
+
+    import ray
+
+    from inference.pool import WorkerPool
+    from inference.queue.actor import get_or_create_queue
+    from inference.queue.records import NewItem, Packed
+    from inference.runner import job_spec
+
+    config = vllm_job_config(tmp_path, queue_db).with_updates(queue={"max_attempts": 2})
+    queue = get_or_create_queue(queue_db)
+    job_id = f"vllm-poison-{uuid.uuid4().hex[:6]}"
+    spec = dataclasses.replace(job_spec(config, job_id, config.output.path), pool=job_id)
+    ray.get(queue.create_job.remote(spec))
+    ids = [f"p-{i:02d}" for i in range(8)]
+    lines = [{"custom_id": c, "url": "/v1/chat/completions", "body": chat_body(c, 8)} for c in ids]
+    items = Packed(NewItem(r["custom_id"], json.dumps(r), 16) for r in lines)
+    ray.get(queue.enqueue.remote(job_id, items))
+    poison = ids[-1]  # run last of the suspects: no third worker is needed
+    env = {"env_vars": {"INFERENCE_FAULT_ITEMS": json.dumps({poison: "exit"})}}
+    pool = WorkerPool(config, job_id, queue, runtime_env=env)
+    pool.start(1)
+    try:
+        deadline = time.monotonic() + 400
+        while (stats := ray.get(queue.stats.remote(job_id)))["pending"] + stats["leased"]:
+            assert time.monotonic() < deadline, stats
+            pool.check(replace=True)
+            time.sleep(0.5)
+    finally:
+        pool.drain(timeout_s=30)
+    assert (stats["done"], stats["dead"]) == (len(ids) - 1, 1)
+    dead = ray.get(queue.dead_letters.remote(job_id, 10, 0))
+    assert [(d["custom_id"], d["attempts"]) for d in dead] == [(poison, 2)]
+    out = rows(Path(config.output.path) / job_id)
+    assert sorted(r["custom_id"] for r in out) == ids[:-1]
+    assert {r["attempts"] for r in out} == {2}  # the first crash, then alone: done
+    assert not vllm_processes_after(15), "vLLM processes left behind"
+
+
 def vllm_processes_after(grace_s: float) -> list[psutil.Process]:
     deadline = time.monotonic() + grace_s
     while True:
