@@ -294,3 +294,34 @@ def test_an_expired_job_dead_letters_its_items_as_expired_not_cancelled(tmp_path
     assert "completion window" in dead["waiting"]["message"]
     with pytest.raises(QueueError, match="cancelled or expired"):
         store.set_job_state("j", "cancelled", "bored")
+
+
+def test_a_rerun_against_a_fresh_database_never_overwrites_the_first_runs_shards(
+    tmp_path: Path,
+) -> None:
+    """The same job id and output, two queue databases (the first one deleted, say): both
+    number their first shard 0, as the queue actor declares them (paths with ``{n}``), and
+    both shards stay, each with its own rows."""
+    from inference.shards import JobOutput, read_results, results_table
+    from tests.unit.test_shards import rows
+
+    out = JobOutput(str(tmp_path / "out"), "j")
+    out.makedirs()
+    published = []
+    for run, item in (("first", "a"), ("second", "b")):
+        store = QueueStore(tmp_path / f"{run}.sqlite")
+        store.create_job(_spec(settings={"output_path": str(tmp_path / "out")}))
+        store.enqueue("j", [NewItem(item, json.dumps({"v": item}), 4)])
+        (leased,) = store.lease("w", 1)
+        n, _ = store.declare_shard(
+            "j", [leased.token], "w", out.data_path("{n}"), out.tmp_path("{n}")
+        )
+        shard = store.shard("j", n)
+        assert n == 0
+        out.write_table(results_table(rows(item)), shard["tmp_path"])
+        out.publish(shard["tmp_path"], shard["path"])
+        store.commit_shard("j", n, rows=1, nbytes=1)
+        published.append(shard["path"])
+        store.close()
+    assert published[0] != published[1]
+    assert sorted(read_results(out.base).column("custom_id").to_pylist()) == ["a", "b"]
