@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO
 from tests.integration.test_api import (
     _jsonl,
     _line,
@@ -37,7 +35,7 @@ from tests.integration.test_api import (
     live_server,
     wait_batch,
 )
-from tests.integration.test_api_serve import INFERENCE, _free_port, _session_pids
+from tests.integration.test_api_serve import _free_port, _session_pids, serve
 
 TOKEN = "security-token-0123456789abcdef"
 JSON = {"Content-Type": "application/json"}
@@ -389,43 +387,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     )
     port, log = _free_port(), base / "serve.log"
     ray_tmp = Path(tempfile.mkdtemp(prefix="irs-", dir="/tmp"))  # Ray's socket paths stay short
-    env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": str(ray_tmp), "INFERENCE_API_TOKENS": ENV_TOKEN}
-    env.pop("RAY_ADDRESS", None)
-    command = [INFERENCE, "serve", "--config", str(config), "--port", str(port)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+    with serve(config, port, log, token=ENV_TOKEN, ray_tmp=str(ray_tmp)) as proc:
         yield {
-            "url": url,
+            "url": f"http://127.0.0.1:{port}",
             "proc": proc,
             "ray_tmp": ray_tmp,
             "base": base,
             "config": config,
             "log": log,
         }
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in _session_pids(proc.pid):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _tcp_listeners() -> dict[int, list[tuple[str, int]]]:

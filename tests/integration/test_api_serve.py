@@ -50,10 +50,18 @@ def _session_pids(sid: int) -> list[int]:
 
 @contextmanager
 def serve(
-    config: Path, port: int, log: Path, workers: int = 1
+    config: Path,
+    port: int,
+    log: Path,
+    workers: int = 1,
+    token: str = TOKEN,
+    ray_tmp: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    ray_tmp = tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # Ray's socket paths stay short
-    env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": ray_tmp, "INFERENCE_API_TOKENS": TOKEN}
+    """``inference serve`` in a session of its own, with ``token`` in its environment and its
+    embedded Ray in ``ray_tmp`` (a new folder unless given); every process of it is ended and
+    the folder removed at the end."""
+    ray_tmp = ray_tmp or tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # socket paths stay short
+    env = {**os.environ, "INFERENCE_RAY_TEMP_DIR": ray_tmp, "INFERENCE_API_TOKENS": token}
     env.pop("RAY_ADDRESS", None)
     command = [INFERENCE, "serve", "--config", str(config), "--port", str(port)]
     command += ["--workers", str(workers)]
