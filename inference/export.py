@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from inference.queue.records import JOB_END_CODES
 from inference.schema import ERROR_SCHEMA, RESULT_SCHEMA
 from inference.shards import JobOutput, resolve_fs
 
@@ -175,7 +176,7 @@ def error_line(dead: dict[str, Any], end_reason: str | None = None) -> dict[str,
         "error": None,
     }
     code = dead.get("error_code") or "error"
-    if code in ("cancelled", "expired"):  # the queue's code for an item its job's end stopped
+    if code in JOB_END_CODES:  # an item its job's end stopped
         expired = code == "expired" or end_reason == "expired"
         line["error"] = {
             "code": "batch_expired" if expired else "batch_cancelled",

@@ -40,7 +40,6 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -219,7 +218,7 @@ class InferenceWorker:
         """Batch at a time: the fullest batch the buffer gives, run in isolation."""
         while not self._stopping.is_set():
             if self._suspects:
-                self._isolate(lambda item: self._run_batch([item]))
+                self._isolate()
                 continue
             batch = self.batcher.take()
             if batch:
@@ -242,7 +241,7 @@ class InferenceWorker:
             in_flight = engine.in_flight()
             # A continuous engine's in-flight limits are the batcher's batch limits.
             if self._suspects and not in_flight:
-                self._isolate(self._run_alone)
+                self._isolate()
                 continue
             room = self.batcher.max_batch_size - in_flight
             budget = self.batcher.max_batch_tokens - engine.in_flight_tokens()
@@ -294,7 +293,7 @@ class InferenceWorker:
             taken.append(self._suspects.popleft())
         return taken
 
-    def _isolate(self, run_alone: Callable[[Prepared], None]) -> None:
+    def _isolate(self) -> None:
         """Run the next suspect with nothing else held: what was waiting goes back uncharged
         (other suspects too: the queue leases a suspect alone, but a worker does not count on
         it) and every result is committed first, so a suspect that kills the process takes
@@ -310,7 +309,10 @@ class InferenceWorker:
                 "running a suspect alone worker=%s item=%s", self.worker_id, item.extra["item_id"]
             )
             self._state = "busy"
-            run_alone(item)
+            if self.continuous:
+                self._run_alone(item)
+            else:
+                self._run_batch([item])
             self._settle_held(keep=set())
         finally:
             self._isolating.clear()
@@ -416,8 +418,7 @@ class InferenceWorker:
                     last_beat = time.monotonic()
                 room = self.prefetch_items - len(self.batcher)
                 if room <= 0 or self._suspects or self._isolating.is_set():
-                    # (a suspect runs with nothing else held)
-                    time.sleep(0.005)
+                    time.sleep(0.005)  # full, or a suspect runs with nothing else held
                     continue
                 leased = ray.get(
                     self.queue.lease.remote(self.worker_id, room, None, self.lease_s, self.pool)

@@ -78,6 +78,10 @@ def resume_conflicts(old: JobSpec, new: JobSpec) -> list[str]:
     return diffs
 
 
+# The dead letters' code of items a job's end stopped: its cancel, or its completion window.
+JOB_END_CODES = ("cancelled", "expired")
+
+
 class NewItem(NamedTuple):
     """An item to enqueue. ``payload`` is a JSON object as text; ``priority`` None: the job's;
     ``pool`` None: the job's (the engine pool whose workers lease it)."""

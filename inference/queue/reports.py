@@ -12,6 +12,7 @@ from typing import Any
 
 from inference.errors import QueueError
 from inference.queue.db import STATE_NAMES, WAITING
+from inference.queue.records import JOB_END_CODES
 
 
 def item(db: sqlite3.Connection, job_id: str, item_id: str) -> dict[str, Any] | None:
@@ -96,7 +97,7 @@ def dead_reason(kind: str | None, code: str | None) -> str:
     """Why an item is a dead letter: ``cancelled``, ``expired`` (its job's completion window
     passed), ``permanent_error`` or ``attempts_exhausted`` (transient errors, expired leases or
     lost workers, to the limit)."""
-    if code in ("cancelled", "expired"):
+    if code in JOB_END_CODES:
         return code
     if kind == "permanent":
         return "permanent_error"

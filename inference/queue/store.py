@@ -976,7 +976,7 @@ def _alone_if_suspect(picks: list[list[Any]]) -> list[list[Any]]:
     return out
 
 
-_END_MESSAGES = {
+_END_MESSAGES = {  # by JOB_END_CODES
     "cancelled": "the job was cancelled",
     "expired": "the job expired: its completion window passed before the item was done",
 }
