@@ -39,6 +39,12 @@ Figures per workload:
   one, so a coarse clock does not inflate the rate; ``steady_ratio`` = system / offline;
 - ``*_tokens_per_s``: completion tokens over the same window.
 
+Each workload runs ``--rounds`` offline/system pairs (3), the order alternating (offline first,
+then system first, ...), so the host's speed drifting over the run (this VM halves for minutes
+at a time) weighs on both sides alike. ``round_steady_ratios`` and ``round_whole_job_ratios``
+give every pair; ``steady_ratio`` and ``whole_job_ratio`` are their medians, and the rates shown
+are those of the pair with the median steady ratio.
+
 Prints progress to stderr and one final JSON line on stdout. Every phase runs in a session of
 its own, which is killed (process group, then any process left in the session, e.g.
 ``VLLM::EngineCore`` or Ray's workers) when the phase ends or fails. Run it alone on the
@@ -346,6 +352,26 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return round(num / den, 3) if num is not None and den else None
 
 
+def _median(values: Sequence[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if len(known) < len(values) or not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 3)
+
+
+def _median_round(rounds: list[dict[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The round whose steady ratio is the median one (its own offline and system figures, so
+    the rates shown are of one pair that ran side by side)."""
+
+    def key(p: dict[str, dict[str, Any]]) -> float:
+        return _ratio(p["system"]["items_per_s"], p["offline"]["items_per_s"]) or 0.0
+
+    ranked = sorted(rounds, key=key)
+    middle = ranked[(len(ranked) - 1) // 2]
+    return middle["offline"], middle["system"]
+
+
 def _round(value: float | None, digits: int = 2) -> float | None:
     return round(value, digits) if value is not None else None
 
@@ -359,6 +385,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs/vllm-cpu.yaml")
     parser.add_argument("--transformers-config", type=Path, default=REPO / "configs/tiny-cpu.yaml")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="offline/system pairs per workload (order alternating); ratios are their median",
+    )
     parser.add_argument("--phase-timeout-s", type=float, default=3600)
     parser.add_argument(
         "--wait-idle", type=float, default=0, help="seconds to wait for other vLLM/Ray jobs to end"
@@ -383,13 +415,25 @@ def main() -> None:
             max_tokens_for(workload, i, args.seed, args.fixed_max_tokens) >= 200
             for i in range(args.items)
         )
-        offline = measure_offline(path, folder, args.phase_timeout_s)
-        version = offline["vllm"]
-        log(f"{workload} offline {json.dumps(offline)}")
-        host[f"{workload}_after_offline"] = python_loop_us()
-        system = measure_system(path, folder, args.config, "system", args.phase_timeout_s)
-        log(f"{workload} system {json.dumps(system)}")
-        host[f"{workload}_after_system"] = python_loop_us()
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for r in range(args.rounds):
+            # Alternate which phase goes first, so a drift of the host's speed over the run
+            # (it halves for minutes at a time) weighs on both sides alike.
+            order = ("offline", "system") if r % 2 == 0 else ("system", "offline")
+            phases: dict[str, dict[str, Any]] = {}
+            for phase in order:
+                if phase == "offline":
+                    phases[phase] = measure_offline(path, folder, args.phase_timeout_s)
+                    version = phases[phase]["vllm"]
+                else:
+                    # A job of its own each round (the same id would resume a finished job).
+                    phases[phase] = measure_system(
+                        path, folder, args.config, f"system{r}", args.phase_timeout_s
+                    )
+                log(f"{workload} round {r} {phase} {json.dumps(phases[phase])}")
+                host[f"{workload}_{r}_after_{phase}"] = python_loop_us()
+            rounds.append(phases)
+        offline, system = _median_round(rounds)
         hf: dict[str, Any] = {}
         if not args.skip_transformers:
             hf = measure_system(
@@ -397,9 +441,15 @@ def main() -> None:
             )
             log(f"{workload} transformers {json.dumps(hf)}")
             host[f"{workload}_after_transformers"] = python_loop_us()
-        steady_ratio = _ratio(system["items_per_s"], offline["items_per_s"])
-        whole_ratio = _ratio(offline["wall_s"], system["wall_s"])
+        steady_ratios = [
+            _ratio(p["system"]["items_per_s"], p["offline"]["items_per_s"]) for p in rounds
+        ]
+        whole_ratios = [_ratio(p["offline"]["wall_s"], p["system"]["wall_s"]) for p in rounds]
+        steady_ratio = _median(steady_ratios)
+        whole_ratio = _median(whole_ratios)
         report[workload] = {
+            "round_steady_ratios": steady_ratios,
+            "round_whole_job_ratios": whole_ratios,
             "offline_items_per_s": _round(offline["items_per_s"]),
             "system_items_per_s": _round(system["items_per_s"]),
             "steady_ratio": steady_ratio,

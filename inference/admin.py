@@ -21,6 +21,31 @@ from inference.schedule import describe_next_run
 from inference.shards import JobOutput
 
 
+def migrate_queue(target: str) -> tuple[int | None, int]:
+    """Bring the queue database at ``target`` (a SQLite file or a PostgreSQL URL) to this
+    version's schema, as its owner (refused while a WorkQueue runs on it). Returns the version
+    before (None: there was no schema) and after."""
+    import sqlite3
+    from contextlib import closing
+
+    from inference.queue import pg
+    from inference.queue.db import SCHEMA_VERSION
+    from inference.queue.store import QueueStore
+
+    before: int | None = None
+    if pg.is_postgres_url(target):
+        look = pg.PgConnection(target, read_only=True)
+        try:
+            before = pg.schema_version(look)
+        finally:
+            look.close()
+    elif Path(target).is_file():
+        with closing(sqlite3.connect(f"file:{target}?mode=ro", uri=True)) as db:
+            before = int(db.execute("PRAGMA user_version").fetchone()[0]) or None
+    QueueStore(target, owner_wait_s=0.0).close()  # opening as the owner migrates
+    return before, SCHEMA_VERSION
+
+
 class QueueAccess:
     """Calls on the WorkQueue actor, or on the store itself when no cluster runs."""
 
@@ -29,7 +54,6 @@ class QueueAccess:
 
         self._actor: Any = None
         self._store: Any = None
-        self._lock: int | None = None
         if os.environ.get("RAY_ADDRESS"):
             from inference.cluster import connect
             from inference.queue.actor import get_queue
@@ -37,15 +61,18 @@ class QueueAccess:
             connect()
             self._actor = get_queue()
         else:
-            from inference.queue.db import hold_owner_lock
+            from inference.queue.pg import is_postgres_url
             from inference.queue.store import QueueStore
 
-            path = Path(queue_db_path(config, config.output.path))
-            if not path.is_file():
-                raise QueueError(f"no queue database at {path} (set --output or queue.db_path)")
-            if write:
-                self._lock = hold_owner_lock(path)  # held until this process ends
-            self._store = QueueStore(path, read_only=not write)
+            target = queue_db_path(config, config.output.path)
+            if not is_postgres_url(target) and not Path(target).is_file():
+                raise QueueError(
+                    f"no queue database at {target} (set --output, queue.db_path or queue.url)"
+                )
+            # A write takes the owner lock (held until this process ends); a look takes none.
+            self._store = QueueStore(
+                target, read_only=not write, owner_wait_s=0.0 if write else None
+            )
 
     def call(self, method: str, *args: Any) -> Any:
         if self._actor is not None:

@@ -280,6 +280,32 @@ def cancel(
     console.print(f"cancelled {job}")
 
 
+queue_app = typer.Typer(help="The queue's database.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("migrate")
+def queue_migrate(config: OptionalConfigOpt = None, output: OutputOpt = None) -> None:
+    """Create the queue's schema, or bring an older one to this version (SQLite file or
+    `queue.url` PostgreSQL). A running WorkQueue migrates at its start; this is for doing it
+    beforehand, with no cluster up. A schema newer than this version is refused."""
+    from inference.admin import migrate_queue
+    from inference.runner import queue_db_path
+
+    try:
+        cfg = _load_optional(config, output)
+        before, after = migrate_queue(queue_db_path(cfg, cfg.output.path))
+    except (ConfigError, InferenceError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    if before is None:
+        console.print(f"created the queue schema, version {after}")
+    elif before == after:
+        console.print(f"the queue schema is at version {after}: nothing to do")
+    else:
+        console.print(f"migrated the queue schema from version {before} to {after}")
+
+
 @dlq_app.command("list")
 def dlq_list(
     job: Annotated[str, typer.Argument(help="The job.")],

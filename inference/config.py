@@ -354,6 +354,29 @@ class QueueConfig(_Section):
     max_item_bytes: int = Field(
         1_000_000, ge=256, description="Largest accepted item payload (JSON bytes)."
     )
+    url: str | None = Field(
+        None,
+        description="PostgreSQL queue instead of the SQLite file: postgresql://user@host/db "
+        "(libpq's URL; the password from PGPASSWORD, ~/.pgpass or a service file, never the "
+        "URL). The queue's state then lives off the cluster: its actor may run on any node, "
+        "and a lost head node loses nothing.",
+    )
+
+    @model_validator(mode="after")
+    def _one_database(self) -> QueueConfig:
+        if self.url is None:
+            return self
+        from inference.queue.pg import check_url, is_postgres_url
+
+        if not is_postgres_url(self.url):
+            raise ValueError("url must start with postgresql:// (or postgres://)")
+        if self.db_path is not None:
+            raise ValueError("give db_path (SQLite) or url (PostgreSQL), not both")
+        try:
+            check_url(self.url)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class OutputConfig(_Section):

@@ -58,6 +58,15 @@ def default_job_id(input_path: Path) -> str:
 
 
 def queue_db_path(config: Config, output_root: str) -> str:
+    """Where the job's queue lives: ``queue.url`` (PostgreSQL), else the SQLite file."""
+    if config.queue.url:
+        return config.queue.url
+    return local_queue_path(config, output_root)
+
+
+def local_queue_path(config: Config, output_root: str) -> str:
+    """The SQLite file of the queue (``queue.db_path``, else under the output); with
+    ``queue.url`` its folder still holds what a cluster keeps beside the queue."""
     if config.queue.db_path:
         return str(Path(config.queue.db_path).expanduser().absolute())
     _fs, base, is_local = resolve_fs(output_root)

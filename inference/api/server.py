@@ -33,11 +33,11 @@ def is_loopback(host: str) -> bool:
 def state_dir(config: Config) -> str:
     """Where the Controller keeps its registry and files: ``api.state_dir``, else beside the
     queue database."""
-    from inference.runner import queue_db_path
+    from inference.runner import local_queue_path
 
     if config.api.state_dir:
         return str(Path(config.api.state_dir).expanduser().absolute())
-    return str(Path(queue_db_path(config, config.output.path)).parent)
+    return str(Path(local_queue_path(config, config.output.path)).parent)
 
 
 def server_config(

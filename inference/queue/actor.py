@@ -1,6 +1,8 @@
-"""The ``WorkQueue`` Ray actor: one per cluster, detached, restartable, pinned to the head node
-(where its SQLite file lives). It serves :class:`~inference.queue.store.QueueStore` and
-coordinates shard commits (see :mod:`inference.shards`).
+"""The ``WorkQueue`` Ray actor: one per cluster, detached, restartable. On SQLite it is pinned to
+the head node (where its file lives); on PostgreSQL (``queue.url``) it may run, and be restarted,
+on any node, and its mirror is rebuilt from the database. It serves
+:class:`~inference.queue.store.QueueStore` and coordinates shard commits (see
+:mod:`inference.shards`).
 
 The actor runs one call at a time, so a check of lease tokens, the rename that publishes a shard
 and the transaction that completes its items cannot interleave with a lease of the same items.
@@ -25,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from inference.errors import OutputError, QueueError
 from inference.faults import fault
 from inference.heap import freeze_startup_heap
-from inference.queue.db import hold_owner_lock
+from inference.queue.pg import is_postgres_url
 from inference.queue.remote import RemoteLedger
 from inference.queue.store import (
     EnqueueResult,
@@ -73,13 +75,12 @@ class WorkQueue:
     """
 
     def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
+        """``db_path``: the SQLite file, or a ``postgresql://`` URL."""
         logging.basicConfig(level=logging.INFO)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         # The one writer of this database for as long as the actor lives (operator commands
         # without a cluster address refuse to write it meanwhile). A restarted actor may wait
-        # for its predecessor's process to be gone.
-        self._owner_lock = hold_owner_lock(Path(db_path), wait_s=OWNER_WAIT_S)
-        self._store = QueueStore(db_path)
+        # for its predecessor's process (or, on PostgreSQL, session) to be gone.
+        self._store = QueueStore(db_path, owner_wait_s=OWNER_WAIT_S)
         self._remote = RemoteLedger(self._store.db)
         self._max_item_bytes = max_item_bytes
         self._outputs: dict[str, JobOutput] = {}
@@ -334,8 +335,14 @@ class WorkQueue:
 
 
 def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) -> Any:
-    """The cluster's WorkQueue actor, created on the head node when it does not exist yet."""
-    head = head_node_id()
+    """The cluster's WorkQueue actor, created when it does not exist yet: on the head node for a
+    SQLite file (its disk is the head's), anywhere for PostgreSQL (a restart may land on another
+    node: the database is the state)."""
+    options: dict[str, Any] = {}
+    if not is_postgres_url(str(db_path)):
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id=head_node_id(), soft=False
+        )
     actor_cls = ray.remote(WorkQueue)
     handle: Any = actor_cls.options(
         name=QUEUE_NAME,
@@ -345,7 +352,7 @@ def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) ->
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head, soft=False),
+        **options,
     ).remote(str(db_path), max_item_bytes)
     ray.get(handle.ping.remote())
     return handle

@@ -30,7 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from inference.errors import QueueError, StorageError
+from inference.queue.dialect import SQLITE, dialect_of
+
+DB_ERRORS = (sqlite3.Error, psycopg.Error)
+"""What either database raises (the store's SQL runs on both: :mod:`inference.queue.pg`)."""
 
 PENDING, LEASED, DONE, DEAD, WAITING = 0, 1, 2, 3, 4
 """Item states. ``WAITING`` is pending in a retry backoff (``not_before`` in the future); it is
@@ -41,7 +47,7 @@ STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead",
 SCHEMA_VERSION = 4
 CACHE_KIB = 32 * 1024
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
     job_id TEXT PRIMARY KEY,
     pool TEXT NOT NULL,
@@ -109,7 +115,7 @@ CREATE TABLE IF NOT EXISTS pool_usage(
 );
 """
 # After the migration (version 3 files have no items.pool to index).
-_INDEXES = """
+INDEXES = """
 CREATE INDEX IF NOT EXISTS items_pending_pool ON items(job_id, pool, priority, id) WHERE state = 0;
 """
 
@@ -169,9 +175,9 @@ def connect(path: Path, wall_s: float) -> sqlite3.Connection:
         db.execute("PRAGMA mmap_size=0")
         db.execute("PRAGMA journal_size_limit=67108864")
         db.execute("PRAGMA temp_store=MEMORY")
-        db.executescript(_SCHEMA)
+        db.executescript(SCHEMA)
         _migrate(db, wall_s)
-        db.executescript(_INDEXES)
+        db.executescript(INDEXES)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open the queue database {path}: {exc}") from exc
     return db
@@ -182,7 +188,12 @@ def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
     and 2 kept an index of leased items (``items_leased``); version 3 kept one pool per job
     (``items.pool`` is new in 4: a job's items may go to several engine pools)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version >= SCHEMA_VERSION:
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"the queue database has schema {version}, newer than this version of inference"
+            f" reads ({SCHEMA_VERSION}): upgrade inference"
+        )
+    if version == SCHEMA_VERSION:
         return
     with Transaction(db):
         if version < 2:
@@ -204,12 +215,15 @@ def _migrate(db: sqlite3.Connection, wall_s: float) -> None:
 JSON_CHECK_CHUNK = 256  # payloads per statement of a JSON check
 
 
-def json_checker(db: sqlite3.Connection) -> Callable[[Sequence[str]], bool] | None:
+def json_checker(db: Any) -> Callable[[Sequence[str]], bool] | None:
     """A check that every text of a list is strict JSON (RFC 8259), made by SQLite's
     ``json_valid`` in C for a whole call at once; None when this SQLite's ``json_valid`` accepts
     more than strict JSON (3.42 to 3.44 take JSON5 and have no strict mode), and the caller must
     parse in Python instead. Never lenient where Python's parser is strict: a text it passes,
-    Python's ``json`` reads (the reverse is not true: Python also takes ``NaN``)."""
+    Python's ``json`` reads (the reverse is not true: Python also takes ``NaN``). None on
+    PostgreSQL, whose JSON parser would cost a round trip per call."""
+    if dialect_of(db) is not SQLITE:
+        return None
     for flag in ("", ", 1"):
         probe = ", ".join(f"json_valid('{text}'{flag})" for text in ("{a:1}", '{"a":NaN}', "{}"))
         try:
@@ -243,16 +257,17 @@ def json_checker(db: sqlite3.Connection) -> Callable[[Sequence[str]], bool] | No
 
 class Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolls back on any error and re-raises it.
-    Storage failures (disk full, read-only file, I/O errors) surface as :class:`StorageError`,
-    so a caller never mistakes a change that did not reach the disk for one that did."""
+    Storage failures (disk full, read-only file, I/O errors, a lost connection to PostgreSQL)
+    surface as :class:`StorageError`, so a caller never mistakes a change that did not reach
+    the disk for one that did."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: Any) -> None:
         self._db = db
 
     def __enter__(self) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"cannot start a transaction: {exc}") from exc
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -260,15 +275,15 @@ class Transaction:
             try:
                 self._db.execute("COMMIT")
                 return
-            except sqlite3.Error as commit_exc:
+            except DB_ERRORS as commit_exc:
                 self._rollback()
                 raise StorageError(f"commit failed: {commit_exc}") from commit_exc
         self._rollback()
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, DB_ERRORS):
             raise StorageError(str(exc)) from exc
 
     def _rollback(self) -> None:
         # SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR).
         if self._db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*DB_ERRORS):
                 self._db.execute("ROLLBACK")

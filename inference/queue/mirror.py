@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from inference.errors import QueueError
 from inference.queue.db import LEASED, PENDING, WAITING
@@ -105,7 +105,7 @@ class Mirror:
         self.ready: dict[int, dict[Lane, int]] = {}
         self.leases: dict[int, Lease] = {}
 
-    def load(self, db: sqlite3.Connection) -> None:
+    def load(self, db: Any) -> None:
         """Rebuild everything from the database (one pass over the items)."""
         self.jobs.clear()
         self.ready.clear()
@@ -137,8 +137,9 @@ class Mirror:
                 next_shard=row[10],
             )
         for job_id, pool, state, priority, n, tokens, n_error, n_expired, n_lost in db.execute(
-            "SELECT job_id, pool, state, priority, COUNT(*), SUM(tokens), SUM(n_error),"
-            " SUM(n_expired), SUM(n_lost) FROM items GROUP BY job_id, pool, state, priority"
+            "SELECT job_id, pool, state, priority, COUNT(*), CAST(SUM(tokens) AS BIGINT),"
+            " CAST(SUM(n_error) AS BIGINT), CAST(SUM(n_expired) AS BIGINT),"
+            " CAST(SUM(n_lost) AS BIGINT) FROM items GROUP BY job_id, pool, state, priority"
         ):
             job = self.jobs[job_id]
             self.shift(job, None, state, priority, n, tokens, pool)

@@ -21,7 +21,6 @@ The WorkQueue actor serves these calls one at a time, like every other queue cal
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -89,9 +88,9 @@ def _row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class RemoteLedger:
-    """Provider batches and their items, on the queue's SQLite connection."""
+    """Provider batches and their items, on the queue's database connection."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: Any) -> None:
         self._db = db
         db.executescript(SCHEMA)
 
@@ -111,13 +110,14 @@ class RemoteLedger:
         now = time.time()
         with Transaction(self._db):
             self._db.execute(
-                "INSERT OR IGNORE INTO remote_batches(key, job_id, pool, endpoint, url, state,"
+                "INSERT INTO remote_batches(key, job_id, pool, endpoint, url, state,"
                 " input_file_id, lines, bytes, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (key, job_id, pool, endpoint, url, input_file_id, len(item_ids), nbytes, now, now),
             )
             self._db.executemany(
-                "INSERT OR REPLACE INTO remote_items(job_id, item_id, key) VALUES (?, ?, ?)",
+                "INSERT INTO remote_items(job_id, item_id, key) VALUES (?, ?, ?)"
+                " ON CONFLICT(job_id, item_id) DO UPDATE SET key = excluded.key",
                 [(job_id, item_id, key) for item_id in item_ids],
             )
 
@@ -191,7 +191,8 @@ class RemoteLedger:
         """Counts of a job's provider batches by state and their lines (None for a job with
         none: most jobs)."""
         rows = self._db.execute(
-            "SELECT state, count(*), sum(lines) FROM remote_batches WHERE job_id = ?"
+            "SELECT state, count(*), CAST(sum(lines) AS BIGINT) FROM remote_batches"
+            " WHERE job_id = ?"
             " GROUP BY state",
             (job_id,),
         ).fetchall()

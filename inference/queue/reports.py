@@ -5,21 +5,21 @@ page of dead letters, shards, the oldest pending age) and the totals over jobs f
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from inference.errors import QueueError
 from inference.queue.db import STATE_NAMES, WAITING
+from inference.queue.dialect import dialect_of
 from inference.queue.records import JOB_END_CODES
 
 
-def item(db: sqlite3.Connection, job_id: str, item_id: str) -> dict[str, Any] | None:
+def item(db: Any, job_id: str, item_id: str) -> dict[str, Any] | None:
     """One item's state and attempt record (None when the job has no such item)."""
     row = db.execute(
         "SELECT state, attempts, shard, error_kind, error_code, error_message, epoch,"
-        " n_error, n_expired, n_lost, not_before, worker, history, json_extract(payload, '$.url')"
+        f" n_error, n_expired, n_lost, not_before, worker, history, {dialect_of(db).payload_url}"
         " FROM items WHERE job_id = ? AND item_id = ?",
         (job_id, item_id),
     ).fetchone()
@@ -43,20 +43,18 @@ def item(db: sqlite3.Connection, job_id: str, item_id: str) -> dict[str, Any] | 
     }
 
 
-def job_urls(db: sqlite3.Connection, job_id: str) -> list[str]:
+def job_urls(db: Any, job_id: str) -> list[str]:
     """The distinct endpoints (``url``) of a job's items (one pass over them)."""
     return sorted(
         url
         for (url,) in db.execute(
-            "SELECT DISTINCT json_extract(payload, '$.url') FROM items WHERE job_id = ?", (job_id,)
+            f"SELECT DISTINCT {dialect_of(db).payload_url} FROM items WHERE job_id = ?", (job_id,)
         )
         if url
     )
 
 
-def item_states(
-    db: sqlite3.Connection, job_id: str, limit: int, after: int
-) -> list[tuple[int, str, str]]:
+def item_states(db: Any, job_id: str, limit: int, after: int) -> list[tuple[int, str, str]]:
     """A page of ``(id, custom_id, state)`` of a job's items in id order, after id ``after``."""
     return [
         (i, custom_id, STATE_NAMES[state])
@@ -67,9 +65,7 @@ def item_states(
     ]
 
 
-def dead_letters(
-    db: sqlite3.Connection, job_id: str, limit: int, after: int
-) -> list[dict[str, Any]]:
+def dead_letters(db: Any, job_id: str, limit: int, after: int) -> list[dict[str, Any]]:
     """A page of a job's dead letters in id order, starting after id ``after``."""
     return [
         {
@@ -105,7 +101,7 @@ def dead_reason(kind: str | None, code: str | None) -> str:
 
 
 def oldest_pending_s(
-    db: sqlite3.Connection, job_id: str, priorities: Sequence[int], waiting: bool, wall: float
+    db: Any, job_id: str, priorities: Sequence[int], waiting: bool, wall: float
 ) -> float | None:
     """Age of a job's oldest pending item. Ids grow with enqueue time, so it is the lowest id
     among the head of each priority's pending index and the waiting items: a few index probes,
@@ -132,7 +128,7 @@ def oldest_pending_s(
     return max(0.0, wall - enqueued_at)
 
 
-def shard(db: sqlite3.Connection, job_id: str, n: int) -> dict[str, Any]:
+def shard(db: Any, job_id: str, n: int) -> dict[str, Any]:
     row = db.execute(
         "SELECT state, path, tmp_path, tokens, worker, rows, bytes FROM shards"
         " WHERE job_id = ? AND n = ?",
@@ -153,7 +149,7 @@ def shard(db: sqlite3.Connection, job_id: str, n: int) -> dict[str, Any]:
     }
 
 
-def committed_shards(db: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
+def committed_shards(db: Any, job_id: str) -> list[dict[str, Any]]:
     return [
         {"n": n, "path": path, "rows": rows, "bytes": nbytes}
         for n, path, rows, nbytes in db.execute(

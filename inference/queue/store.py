@@ -24,22 +24,24 @@ the wall clock (they must mean the same thing after a restart).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import random
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.errors import JobConflict, QueueError
-from inference.queue import reports
+from inference.errors import JobConflict, QueueError, StorageError
+from inference.queue import pg, reports
 from inference.queue.admission import admit
 from inference.queue.backoff import backoff_s
 from inference.queue.db import (
+    DB_ERRORS,
     DEAD,
     DONE,
     LEASED,
@@ -49,8 +51,10 @@ from inference.queue.db import (
     Transaction,
     connect,
     connect_read_only,
+    hold_owner_lock,
     json_checker,
 )
+from inference.queue.dialect import dialect_of
 from inference.queue.fairness import fair_shares, fit_token_budget
 from inference.queue.mirror import BACKLOG, CAUSES, Held, Job, Lease, Mirror, Move, Tally
 from inference.queue.records import (
@@ -100,7 +104,7 @@ _TAKE_SQL = (
     "UPDATE items SET state = 1, epoch = epoch + 1, deadline = ?, lease_s = ?, worker = ?"
     " WHERE job_id = ? AND pool = ? AND priority = ? AND state = 0 AND id <= ?"
 )
-_IDS = "(SELECT value FROM json_each(?))"
+RECONNECT_S = 60.0  # how long a store waits for a lost PostgreSQL to take connections again
 
 
 class _Diverged(QueueError):
@@ -108,8 +112,28 @@ class _Diverged(QueueError):
     transaction is rolled back; the store reloads its mirror and retries once."""
 
 
+def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """On PostgreSQL, a call that met a lost connection reconnects, reloads the mirror (a cut
+    ``COMMIT`` may or may not have committed: the database says which) and runs once more.
+    Only for calls whose second run is safe after an unknown outcome: the idempotent ones,
+    and those whose first run, had it committed, leaves the second to be fenced off (a lease
+    taken twice lets the first lease expire: it is never lost)."""
+
+    @functools.wraps(method)
+    def call(self: QueueStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (StorageError, *DB_ERRORS):
+            if not self._reconnect():
+                raise
+        return method(self, *args, **kwargs)
+
+    return call
+
+
 class QueueStore:
-    """All queue state transitions, each one SQLite transaction."""
+    """All queue state transitions, each one database transaction (SQLite, or PostgreSQL when
+    ``path`` is a ``postgresql://`` URL)."""
 
     def __init__(
         self,
@@ -119,19 +143,32 @@ class QueueStore:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         read_only: bool = False,
+        owner_wait_s: float | None = None,
     ) -> None:
         """``read_only``: for looking (``inference status``): no migration, no sweep, and any
-        call that would change the database fails with :class:`StorageError`."""
-        self.path = Path(path)
+        call that would change the database fails with :class:`StorageError`.
+        ``owner_wait_s``: become the database's one writer first (what a WorkQueue and an
+        operator command without a cluster do), waiting up to that long for another owner to
+        end; raises :class:`DatabaseOwned` when it does not."""
         self.read_only = read_only
         self._clock = clock
         self._wall = wall
         self._rng = rng or random.Random()
-        if read_only:
-            self._db = connect_read_only(self.path)
+        self._owner_fd: int | None = None
+        self._owner_wait_s = owner_wait_s
+        if pg.is_postgres_url(str(path)):
+            self.path = pg.redact(str(path))
+            self._db: Any = pg.connect(str(path), read_only=read_only, owner_wait_s=owner_wait_s)
+        elif read_only:
+            self.path = str(path)
+            self._db = connect_read_only(Path(path))
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = connect(self.path, wall())
+            self.path = str(path)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if owner_wait_s is not None:
+                self._owner_fd = hold_owner_lock(Path(path), wait_s=owner_wait_s)
+            self._db = connect(Path(path), wall())
+        self._d = dialect_of(self._db)
         self._all_json = json_checker(self._db)
         self._m = Mirror()
         self._rr: Counter[int] = Counter()  # round-robin cursor per priority
@@ -142,11 +179,21 @@ class QueueStore:
         self._m.load(self._db)
 
     # ----------------------------------------------------------------- startup and recovery
+    def _reconnect(self) -> bool:
+        """After a :class:`StorageError`: when its cause was a lost PostgreSQL session, a new
+        one (the owner lock again) and the mirror reloaded; False when the error was another."""
+        if not isinstance(self._db, pg.PgConnection) or not self._db.broken:
+            return False
+        self._db.reconnect(RECONNECT_S, lock_wait_s=self._owner_wait_s or 0.0)
+        self._resync("the connection to the database was lost")
+        return True
+
     def _resync(self, why: str) -> None:
         logger.error("reloading the queue state from %s: %s", self.path, why)
         self._m.load(self._db)
         self._next_expiry = self._next_wake = -math.inf
 
+    @_reconnecting
     def rearm_leases(self, default_lease_s: float = 60.0) -> int:
         """After a restart the old monotonic deadlines mean nothing: give every outstanding lease
         a full lease period from now. Leases that were out at the crash then expire normally.
@@ -155,7 +202,7 @@ class QueueStore:
         with self._tx():
             cur = self._db.execute(
                 "UPDATE items SET deadline = ? + COALESCE(lease_s, ?)"
-                f" WHERE id IN {_IDS} AND state = 1",
+                f" WHERE id IN {self._d.ids} AND state = 1",
                 (now, default_lease_s, json.dumps(list(self._m.leases))),
             )
         for lease in self._m.leases.values():
@@ -167,8 +214,10 @@ class QueueStore:
         return Transaction(self._db)
 
     @property
-    def db(self) -> sqlite3.Connection:
-        """The store's connection, for ledgers that keep tables beside it (provider batches)."""
+    def db(self) -> Any:
+        """The store's connection (a :class:`sqlite3.Connection` or a
+        :class:`~inference.queue.pg.PgConnection`), for ledgers that keep tables beside it
+        (provider batches)."""
         return self._db
 
     # ----------------------------------------------------------------- sweeps
@@ -185,6 +234,7 @@ class QueueStore:
             self._wake(wall)
         return now
 
+    @_reconnecting
     def expire_leases(self) -> int:
         """Return items whose lease deadline passed to pending (or to the dead letters once
         their attempts are spent). Counted as an attempt with cause ``lease_expired``."""
@@ -221,6 +271,7 @@ class QueueStore:
         return None if earliest is None else float(earliest)
 
     # ----------------------------------------------------------------- jobs
+    @_reconnecting
     def create_job(self, spec: JobSpec) -> bool:
         """Register a job; returns False when it exists already (a resume). A resume may change
         what :data:`RESUME_FIXED` does not name (the new values hold from now on); one that
@@ -255,12 +306,14 @@ class QueueStore:
             job.spec = spec
             logger.info("job resumed with new settings job=%s", spec.job_id)
 
+    @_reconnecting
     def job_spec(self, job_id: str) -> JobSpec:
         return self._m.job(job_id).spec
 
     def job_ids(self) -> list[str]:
         return list(self._m.jobs)
 
+    @_reconnecting
     def set_job_state(self, job_id: str, state: str, reason: str = "cancelled") -> None:
         """``active`` (resume), ``paused`` or ``cancelled``. Cancelling dead-letters the job's
         pending items with the code ``reason`` (``cancelled``, or ``expired`` when the job's
@@ -294,6 +347,7 @@ class QueueStore:
         logger.info("job state job=%s state=%s", job_id, state)
 
     # ----------------------------------------------------------------- enqueue
+    @_reconnecting
     def enqueue(
         self, job_id: str, items: Sequence[NewItem], *, max_item_bytes: int = 1_000_000
     ) -> EnqueueResult:
@@ -338,17 +392,18 @@ class QueueStore:
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         """Insert new items, skipping ids the job has already; returns how many went in."""
-        before = self._db.total_changes
+        inserted = 0
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[start : start + _INSERT_CHUNK]
-            self._db.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
-        return self._db.total_changes - before
+            cursor = self._db.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
+            inserted += cursor.rowcount
+        return inserted
 
     def _existing(self, job_id: str, fresh: dict[str, NewItem], last_id: int) -> list[str]:
         """Ids of this call that were in the queue before it; raises on another payload."""
         existing = self._db.execute(
             "SELECT item_id, payload FROM items WHERE job_id = ? AND id <= ?"
-            f" AND item_id IN {_IDS}",
+            f" AND item_id IN {self._d.names}",
             (job_id, last_id, json.dumps(list(fresh))),
         ).fetchall()
         conflicts = sorted(i for i, p in existing if fresh[i].payload != p)
@@ -360,6 +415,7 @@ class QueueStore:
         return [i for i, _ in existing]
 
     # ----------------------------------------------------------------- leases
+    @_reconnecting
     def lease(
         self,
         worker: str,
@@ -460,6 +516,7 @@ class QueueStore:
     def _leasable(job: Job, wall: float) -> bool:
         return job.state == "active" and job.schedule.runnable(wall)
 
+    @_reconnecting
     def check_tokens(self, tokens: Iterable[LeaseToken]) -> TokenCheck:
         """Which tokens still hold their lease (right epoch, still leased, not expired)."""
         held, refused = self._fence(_tokens(tokens), self._clock())
@@ -489,7 +546,7 @@ class QueueStore:
         current = {
             row[0]: row[1:]
             for row in self._db.execute(
-                f"SELECT id, epoch, state FROM items WHERE id IN {_IDS}",
+                f"SELECT id, epoch, state FROM items WHERE id IN {self._d.ids}",
                 (json.dumps([t[0] for t in tokens]),),
             )
         }
@@ -505,6 +562,7 @@ class QueueStore:
             refusals.append(Refusal(token, reason))
         return refusals
 
+    @_reconnecting
     def extend(self, tokens: Sequence[LeaseToken], lease_s: float) -> list[Refusal]:
         """Heartbeat: push the deadline of still-valid leases ``lease_s`` from now."""
         if lease_s <= 0:
@@ -515,7 +573,8 @@ class QueueStore:
             deadline = now + lease_s
             with self._tx():
                 self._db.execute(
-                    f"UPDATE items SET deadline = ?, lease_s = ? WHERE id IN {_IDS} AND state = 1",
+                    "UPDATE items SET deadline = ?, lease_s = ?"
+                    f" WHERE id IN {self._d.ids} AND state = 1",
                     (deadline, lease_s, json.dumps([i for i, _ in held])),
                 )
             for _, lease in held:
@@ -523,6 +582,7 @@ class QueueStore:
                 lease.lease_s = lease_s
         return refused
 
+    @_reconnecting
     def release(self, tokens: Sequence[LeaseToken], cause: str = "drained") -> list[Refusal]:
         """Give leased items back to pending. ``drained`` (a planned stop) and
         ``engine_fatal`` (the worker's engine died under the item: the engine's fault, not the
@@ -540,6 +600,7 @@ class QueueStore:
             _log_moves(f"released cause={cause}", moves)
         return refused
 
+    @_reconnecting
     def release_worker(self, worker: str, cause: str = "worker_lost") -> int:
         """Return every item a worker holds (it died, or it was drained)."""
         self._sweep()
@@ -577,18 +638,20 @@ class QueueStore:
         self._db.executemany(
             "UPDATE items SET state = :state, attempts = attempts + :charged,"
             " worker = NULL, deadline = NULL,"
-            " error_kind = CASE WHEN :code IS NULL THEN error_kind ELSE 'transient' END,"
-            " error_code = COALESCE(:code, error_code),"
-            " error_message = COALESCE(:message, error_message),"
-            " finished_at = CASE WHEN :code IS NULL THEN NULL ELSE :wall END,"
-            " history = json_insert(COALESCE(history, '[]'), '$[#]',"
-            " json_object('at', :wall, 'cause', :cause, 'worker', worker))"
-            f"{count_cause} WHERE id = :id AND epoch = :epoch AND state = 1",
+            " error_kind = CASE WHEN CAST(:code AS TEXT) IS NULL THEN error_kind"
+            " ELSE 'transient' END,"
+            " error_code = COALESCE(CAST(:code AS TEXT), error_code),"
+            " error_message = COALESCE(CAST(:message AS TEXT), error_message),"
+            " finished_at = CASE WHEN CAST(:code AS TEXT) IS NULL THEN NULL ELSE :wall END,"
+            " history = "
+            + self._d.history("'at', :wall, 'cause', CAST(:cause AS TEXT), 'worker', worker")
+            + f"{count_cause} WHERE id = :id AND epoch = :epoch AND state = 1",
             params,
         )
         return moves
 
     # ----------------------------------------------------------------- outcomes
+    @_reconnecting
     def complete(self, tokens: Sequence[LeaseToken], shard: int | None = None) -> list[Refusal]:
         """Mark leased items done (for consumers whose results live elsewhere; shard writers
         go through :meth:`commit_shard`). Fenced: a token that lost its lease is refused and
@@ -615,12 +678,13 @@ class QueueStore:
         """Inside a transaction: these leased items to done."""
         done = self._db.execute(
             "UPDATE items SET state = 2, shard = ?, worker = NULL, deadline = NULL,"
-            f" attempts = attempts + 1, finished_at = ? WHERE id IN {_IDS} AND state = 1",
+            f" attempts = attempts + 1, finished_at = ? WHERE id IN {self._d.ids} AND state = 1",
             (shard, wall, json.dumps([i for i, _ in held])),
         ).rowcount
         if done != len(held):
             raise _Diverged(f"{len(held) - done} held lease(s) were not leased in the database")
 
+    @_reconnecting
     def fail(
         self, tokens: Sequence[LeaseToken], kind: str, code: str, message: str
     ) -> list[Refusal]:
@@ -664,10 +728,13 @@ class QueueStore:
                 " worker = NULL, deadline = NULL, not_before = :retry_at, error_kind = :kind,"
                 " error_code = :code, error_message = :message,"
                 " finished_at = CASE WHEN :dead THEN :wall END,"
-                " history = json_insert(COALESCE(history, '[]'), '$[#]', json_object('at', :wall,"
-                " 'cause', 'error', 'kind', :kind, 'code', :code, 'message', :note,"
-                " 'worker', worker))"
-                " WHERE id = :id AND epoch = :epoch AND state = 1",
+                " history = "
+                + self._d.history(
+                    "'at', :wall, 'cause', 'error', 'kind', CAST(:kind AS TEXT),"
+                    " 'code', CAST(:code AS TEXT), 'message', CAST(:note AS TEXT),"
+                    " 'worker', worker"
+                )
+                + " WHERE id = :id AND epoch = :epoch AND state = 1",
                 params,
             )
         self._m.settle(moves, "error")
@@ -679,6 +746,7 @@ class QueueStore:
         return backoff_s(attempt, spec.backoff_base_s, spec.backoff_max_s, self._rng)
 
     # ----------------------------------------------------------------- shards
+    @_reconnecting
     def declare_shard(
         self, job_id: str, tokens: Sequence[LeaseToken], worker: str, path: str, tmp_path: str
     ) -> tuple[int, list[Refusal]]:
@@ -706,9 +774,11 @@ class QueueStore:
         job.next_shard = n + 1
         return n, refused
 
+    @_reconnecting
     def shard(self, job_id: str, n: int) -> dict[str, Any]:
         return reports.shard(self._db, job_id, n)
 
+    @_reconnecting
     def declared_shards(self) -> list[dict[str, Any]]:
         keys = self._db.execute("SELECT job_id, n FROM shards WHERE state = 'declared'").fetchall()
         return [self.shard(job_id, n) for job_id, n in keys]
@@ -728,12 +798,31 @@ class QueueStore:
         publish) that the leases are held, so a deadline passed since does not count; an item
         is still completed only under the epoch the shard names."""
         try:
-            self._commit_shard(job_id, n, rows, nbytes, usage or {}, check_leases)
+            self._commit_shard_fenced(job_id, n, rows, nbytes, usage or {}, check_leases)
+        except (StorageError, *DB_ERRORS):
+            if not self._reconnect():
+                raise
+            # The session was lost, maybe in the COMMIT itself: the database says whether it
+            # committed. If not, it is done now, fenced again on the reloaded mirror.
+            if reports.shard(self._db, job_id, n)["state"] != "committed":
+                self._commit_shard_fenced(job_id, n, rows, nbytes, usage or {}, check_leases)
+
+    def _commit_shard_fenced(
+        self,
+        job_id: str,
+        n: int,
+        rows: int,
+        nbytes: int,
+        usage: dict[str, float],
+        check_leases: bool,
+    ) -> None:
+        try:
+            self._commit_shard(job_id, n, rows, nbytes, usage, check_leases)
         except _Diverged as exc:
             # The file and the mirror disagree: reload from the file and fence again. The
             # shard commits only if the database, too, holds every one of its leases.
             self._resync(str(exc))
-            self._commit_shard(job_id, n, rows, nbytes, usage or {}, check_leases)
+            self._commit_shard(job_id, n, rows, nbytes, usage, check_leases)
 
     def _commit_shard(
         self,
@@ -772,9 +861,10 @@ class QueueStore:
                 self._db.execute(
                     "INSERT INTO pool_usage(job_id, pool, prompt_tokens, completion_tokens,"
                     " busy_s) VALUES (?, ?, ?, ?, ?) ON CONFLICT(job_id, pool) DO UPDATE SET"
-                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                    " busy_s = busy_s + excluded.busy_s",
+                    " prompt_tokens = pool_usage.prompt_tokens + excluded.prompt_tokens,"
+                    " completion_tokens = pool_usage.completion_tokens"
+                    " + excluded.completion_tokens,"
+                    " busy_s = pool_usage.busy_s + excluded.busy_s",
                     (job_id, pool, prompt, completion, busy_s),
                 )
         self._m.settle([(i, h, DONE) for i, h in held], None)
@@ -782,16 +872,19 @@ class QueueStore:
         if pool is not None:
             job.pool(pool).use(prompt, completion, busy_s)
 
+    @_reconnecting
     def abort_shard(self, job_id: str, n: int) -> None:
         with self._tx():
             self._db.execute(
                 "UPDATE shards SET state = 'aborted' WHERE job_id = ? AND n = ?", (job_id, n)
             )
 
+    @_reconnecting
     def committed_shards(self, job_id: str) -> list[dict[str, Any]]:
         return reports.committed_shards(self._db, job_id)
 
     # ----------------------------------------------------------------- dead letters
+    @_reconnecting
     def dead_letters(self, job_id: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
         """A page of a job's dead letters (``after``: the last ``id`` of the previous page),
         each with its reason, error code, message, attempts by cause and history."""
@@ -799,6 +892,7 @@ class QueueStore:
         self._sweep()
         return reports.dead_letters(self._db, job_id, limit, after)
 
+    @_reconnecting
     def redrive(
         self, job_id: str, item_ids: Sequence[str] | None = None, batch_ok: bool = False
     ) -> int:
@@ -816,13 +910,13 @@ class QueueStore:
         query = (
             "UPDATE items SET state = 0, attempts = 0, not_before = 0, error_kind = NULL,"
             " error_code = NULL, error_message = NULL, finished_at = NULL,"
-            " history = json_insert(COALESCE(history, '[]'), '$[#]',"
-            " json_object('at', ?, 'cause', 'redrive'))"
-            " WHERE job_id = ? AND state = 3"
+            " history = "
+            + self._d.history("'at', CAST(? AS DOUBLE PRECISION), 'cause', 'redrive'")
+            + " WHERE job_id = ? AND state = 3"
         )
         params: tuple[Any, ...] = (self._wall(), job_id)
         if item_ids is not None:
-            query += f" AND item_id IN {_IDS}"
+            query += f" AND item_id IN {self._d.names}"
             params += (json.dumps(list(item_ids)),)
         with self._tx():
             rows = self._db.execute(
@@ -859,6 +953,7 @@ class QueueStore:
         return len(rows)
 
     # ----------------------------------------------------------------- reads
+    @_reconnecting
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
         """Counts by job and state, pending tokens, age of the oldest pending item, lease
         expiries and attempts by cause: for progress and for the scaler. Without a job id:
@@ -892,16 +987,19 @@ class QueueStore:
             "next_run_at": next_run if (next_run := job.schedule.next_run_at(wall)) > wall else 0.0,
         }
 
+    @_reconnecting
     def item(self, job_id: str, item_id: str) -> dict[str, Any] | None:
         """One item's state and attempt record (None when the job has no such item)."""
         self._sweep()
         return reports.item(self._db, job_id, item_id)
 
+    @_reconnecting
     def job_urls(self, job_id: str) -> list[str]:
         """The distinct endpoints of a job's items (for exports: how to shape the answers)."""
         self._m.job(job_id)
         return reports.job_urls(self._db, job_id)
 
+    @_reconnecting
     def item_states(
         self, job_id: str, limit: int = 10_000, after: int = 0
     ) -> list[tuple[int, str, str]]:
@@ -913,6 +1011,9 @@ class QueueStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
 
 def _tokens(tokens: Iterable[Sequence[int]]) -> list[LeaseToken]:

@@ -47,10 +47,11 @@ def _items(*ids: str) -> list[NewItem]:
 # ------------------------------------------------------------------ resume
 def test_a_resume_that_moves_the_job_to_another_pool_is_refused_naming_the_fields(
     tmp_path: Path,
+    queue_target: str,
 ) -> None:
     """``engine.model: tiny-llama`` then ``models/tiny-llama``: the resumed items would wait in
     a pool no worker serves, forever. Refused, naming each field with both values."""
-    store = QueueStore(tmp_path / "q.sqlite")
+    store = QueueStore(queue_target)
     assert store.create_job(_spec())
     store.enqueue("j", _items("a"))
     other = _spec(
@@ -69,14 +70,16 @@ def test_a_resume_that_moves_the_job_to_another_pool_is_refused_naming_the_field
     assert store.job_spec("j").pool == "tiny-llama"  # nothing changed
 
 
-def test_a_resume_may_change_attempts_backoff_and_shard_sizes(tmp_path: Path) -> None:
-    store = QueueStore(tmp_path / "q.sqlite")
+def test_a_resume_may_change_attempts_backoff_and_shard_sizes(
+    tmp_path: Path, queue_target: str
+) -> None:
+    store = QueueStore(queue_target)
     store.create_job(_spec())
     settings = {**_spec().settings, "rows_per_shard": 10, "cost_per_gpu_hour": 2.5}
     assert not store.create_job(_spec(max_attempts=7, backoff_max_s=5.0, settings=settings))
     assert store.job_spec("j").max_attempts == 7
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite")  # the new values are durable
+    again = QueueStore(queue_target)  # the new values are durable
     assert again.job_spec("j").max_attempts == 7
     assert again.job_spec("j").settings["rows_per_shard"] == 10
 
@@ -89,8 +92,8 @@ def test_models_may_change_prices_not_pools() -> None:
     assert resume_conflicts(old, renamed) == ["settings.models: {'p1': 'm1'} != {'p2': 'm1'}"]
 
 
-def test_job_ids_dot_and_dotdot_are_refused(tmp_path: Path) -> None:
-    store = QueueStore(tmp_path / "q.sqlite")
+def test_job_ids_dot_and_dotdot_are_refused(tmp_path: Path, queue_target: str) -> None:
+    store = QueueStore(queue_target)
     for job_id in (".", ".."):
         with pytest.raises(QueueError, match="must match"):
             store.create_job(_spec(job_id=job_id))
@@ -186,7 +189,9 @@ def test_a_commit_whose_database_disagrees_resyncs_and_completes_nothing(tmp_pat
 
 
 # ------------------------------------------------------------------ recovery
-def test_recovery_of_a_published_shard_keeps_its_rows_bytes_and_tokens(tmp_path: Path) -> None:
+def test_recovery_of_a_published_shard_keeps_its_rows_bytes_and_tokens(
+    tmp_path: Path, queue_target: str
+) -> None:
     """A crash between the publish and the items' transaction: the restarted WorkQueue
     completes the shard from the file itself (it recorded -1 rows and no tokens before)."""
     from datetime import UTC, datetime
@@ -194,7 +199,7 @@ def test_recovery_of_a_published_shard_keeps_its_rows_bytes_and_tokens(tmp_path:
     from inference.queue.actor import WorkQueue
     from inference.shards import JobOutput, results_table
 
-    db = tmp_path / "q.sqlite"
+    db = queue_target
     settings = {"output_path": str(tmp_path / "out"), "output_format": "parquet"}
     first = WorkQueue(str(db))
     first.create_job(JobSpec("j", settings=settings))
@@ -218,37 +223,38 @@ def test_recovery_of_a_published_shard_keeps_its_rows_bytes_and_tokens(tmp_path:
     nbytes = output.write_table(results_table(rows), declared.tmp_path)
     output.publish(declared.tmp_path, declared.path)  # ... and the crash comes here
     first._store.close()
-    os.close(first._owner_lock)
+    first._store.close()
     again = WorkQueue(str(db))
     [shard] = again.committed_shards("j")
     assert (shard["rows"], shard["bytes"]) == (3, nbytes)
     stats = again.stats("j")
     assert (stats["done"], stats["prompt_tokens"], stats["completion_tokens"]) == (3, 15, 6)
-    os.close(again._owner_lock)
+    again._store.close()
 
 
 def test_a_second_work_queue_on_the_same_database_waits_for_the_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, queue_target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from inference.queue import actor
 
     monkeypatch.setattr(actor, "OWNER_WAIT_S", 0.3)
-    db = tmp_path / "q.sqlite"
+    db = queue_target
     first = actor.WorkQueue(str(db))
     with pytest.raises(DatabaseOwned):
         actor.WorkQueue(str(db))
-    os.close(first._owner_lock)
+    first._store.close()
 
 
 # ------------------------------------------------------------------ suspects
 def test_items_held_by_a_lost_worker_or_an_expired_lease_come_back_as_suspects(
     tmp_path: Path,
+    queue_target: str,
 ) -> None:
     """A worker that dies takes no item's name with it: every item it held may be the poison
     one, so each comes back marked ``suspect`` and leased alone. Items that were only given
     back (a drain) or failed by the engine are not suspects."""
     clock, wall = Clock(1000.0), Clock(1.7e9)
-    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store = QueueStore(queue_target, clock=clock, wall=wall)
     store.create_job(_spec())
     store.enqueue("j", _items("lost1", "lost2", "slow", "drained", "failed"))
     first = {i.item_id: i for i in store.lease("w1", 5, lease_s=30)}
@@ -274,11 +280,13 @@ def test_items_held_by_a_lost_worker_or_an_expired_lease_come_back_as_suspects(
     ]
 
 
-def test_an_expired_job_dead_letters_its_items_as_expired_not_cancelled(tmp_path: Path) -> None:
+def test_an_expired_job_dead_letters_its_items_as_expired_not_cancelled(
+    tmp_path: Path, queue_target: str
+) -> None:
     """A job whose completion window passed ends like a cancelled one, but its dead letters say
     it expired: those waiting at once, a leased one when its lease comes back."""
     clock = Clock(1000.0)
-    store = QueueStore(tmp_path / "q.sqlite", clock=clock)
+    store = QueueStore(queue_target, clock=clock)
     store.create_job(_spec())
     store.enqueue("j", _items("running", "waiting"))
     (leased,) = store.lease("w1", 1, lease_s=30)

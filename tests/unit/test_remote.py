@@ -4,9 +4,6 @@ a real SQLite file."""
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-
 import pytest
 
 from inference.config import parse_config
@@ -19,8 +16,8 @@ from inference.engines.remote import (
 from inference.engines.remote_batch import _line_outcome
 from inference.errors import ConfigError, PermanentError, TransientError
 from inference.progress import Tracker, job_cost, model_shares
-from inference.queue.db import connect
 from inference.queue.remote import RemoteLedger
+from inference.queue.store import QueueStore
 from inference.schema import Result, parse_request
 
 URL = "http://127.0.0.1:9/v1"
@@ -203,9 +200,9 @@ def test_token_prices_enter_the_cost_with_the_batch_discount() -> None:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> RemoteLedger:
-    db: sqlite3.Connection = connect(tmp_path / "q.sqlite", 0.0)
-    return RemoteLedger(db)
+def ledger(queue_target: str) -> RemoteLedger:
+    """The ledger on the store's connection, on SQLite and on PostgreSQL."""
+    return RemoteLedger(QueueStore(queue_target).db)
 
 
 def test_the_ledger_maps_items_to_live_batches_until_they_are_forgotten(

@@ -1,4 +1,7 @@
-"""The queue's semantics on the real SQLite store, with injected clocks (no sleeping)."""
+"""The queue's semantics on the real store, with injected clocks (no sleeping): each test that
+takes ``store`` or ``queue_target`` runs on SQLite and on a real PostgreSQL server (see
+``tests/conftest.py``), so the two backends cannot drift; ``@sqlite_only`` marks what is about
+SQLite's file itself (its migrations, a file turned read-only under the store)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from inference.queue.db import JSON_CHECK_CHUNK, SCHEMA_VERSION, json_checker
 from inference.queue.fairness import fair_shares, fit_token_budget
 from inference.queue.records import LeasedItem, Packed, Refusal
 from inference.queue.store import JobSpec, NewItem, QueueStore
+from tests.conftest import sqlite_only
 
 
 class Clock:
@@ -42,8 +46,8 @@ def wall() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock, wall: Clock) -> QueueStore:
-    s = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall, rng=random.Random(0))
+def store(queue_target: str, clock: Clock, wall: Clock) -> QueueStore:
+    s = QueueStore(queue_target, clock=clock, wall=wall, rng=random.Random(0))
     s.create_job(JobSpec("job", max_attempts=3, backoff_base_s=1.0, backoff_max_s=8.0))
     return s
 
@@ -55,7 +59,7 @@ def items(*ids: str, priority: int | None = None) -> list[NewItem]:
 def test_enqueue_is_durable_and_survives_reopening(store: QueueStore, tmp_path: Path) -> None:
     assert store.enqueue("job", items("a", "b")).accepted == 2
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite")
+    again = QueueStore(store.path)
     assert again.stats("job")["pending"] == 2
     assert [x.item_id for x in again.lease("w", 10)] == ["a", "b"]
 
@@ -260,7 +264,7 @@ def test_counters_rebuild_after_restart(store: QueueStore, tmp_path: Path, clock
     store.lease("w", 1, lease_s=5)
     before = store.stats("job")
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite", clock=clock)
+    again = QueueStore(store.path, clock=clock)
     after = again.stats("job")
     assert {k: after[k] for k in ("pending", "leased", "pending_tokens")} == {
         k: before[k] for k in ("pending", "leased", "pending_tokens")
@@ -360,7 +364,7 @@ def test_leases_out_at_a_restart_expire_a_full_lease_later(
     store.close()
     later = Clock()
     later.t = 50.0  # a new process: its monotonic clock has nothing to do with the old one
-    again = QueueStore(tmp_path / "q.sqlite", clock=later)
+    again = QueueStore(store.path, clock=later)
     assert again.rearm_leases() == 2
     later.t += 4
     assert again.check_tokens([h.token for h in held]).valid == [h.token for h in held]
@@ -679,6 +683,7 @@ def test_unknown_job_is_refused(store: QueueStore) -> None:
 
 
 # ------------------------------------------------------------------ storage failures
+@sqlite_only
 def test_read_only_database_fails_loudly(store: QueueStore, tmp_path: Path) -> None:
     store.enqueue("job", items("a"))
     store._db.close()
@@ -742,6 +747,7 @@ def test_packed_batches_round_trip_as_the_same_records(dumps) -> None:
     assert pickle.loads(dumps(leased))[0].token == (1, 2)
 
 
+@sqlite_only
 def test_the_store_reloads_its_state_when_the_database_changed_behind_its_back(
     store: QueueStore, tmp_path: Path
 ) -> None:
@@ -774,6 +780,7 @@ def test_a_shard_whose_items_cannot_be_completed_is_taken_back(tmp_path: Path) -
     assert queue.item("job", "a")["state"] == "leased"  # type: ignore[index]
 
 
+@sqlite_only
 def test_a_first_version_database_is_migrated_on_open(
     store: QueueStore, tmp_path: Path, wall: Clock
 ) -> None:
@@ -791,6 +798,7 @@ def test_a_first_version_database_is_migrated_on_open(
     assert [x.item_id for x in again.lease("w", 5)] == ["backing-off"]
 
 
+@sqlite_only
 def test_a_second_version_database_loses_its_lease_index_and_keeps_its_leases(
     store: QueueStore, tmp_path: Path, clock: Clock, wall: Clock
 ) -> None:
@@ -842,9 +850,9 @@ def _pool_counts(s: QueueStore, job_id: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_a_job_of_several_pools_hands_each_pool_only_its_own_items(
-    tmp_path: Path, clock: Clock, wall: Clock
+    tmp_path: Path, queue_target: str, clock: Clock, wall: Clock
 ) -> None:
-    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall, rng=random.Random(0))
+    store = QueueStore(queue_target, clock=clock, wall=wall, rng=random.Random(0))
     store.create_job(JobSpec("mix", pool="small", max_attempts=2, backoff_base_s=1.0))
     store.enqueue(
         "mix",
@@ -873,14 +881,14 @@ def test_a_job_of_several_pools_hands_each_pool_only_its_own_items(
     assert counts == {"small": (4, 0, 0, 0, 0, 40), "big": (2, 0, 0, 1, 0, 40)}
     assert store.stats("mix")["pending"] == 6
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    again = QueueStore(queue_target, clock=clock, wall=wall)
     assert _pool_counts(again, "mix") == counts  # the database says the same as the mirror
 
 
 def test_usage_is_counted_for_the_pool_whose_worker_wrote_the_shard(
-    tmp_path: Path, clock: Clock, wall: Clock
+    tmp_path: Path, queue_target: str, clock: Clock, wall: Clock
 ) -> None:
-    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store = QueueStore(queue_target, clock=clock, wall=wall)
     store.create_job(JobSpec("mix", pool="small"))
     store.enqueue("mix", [NewItem("s", "{}", 1), NewItem("b", "{}", 1, pool="big")])
     [held] = store.lease("wb", 5, pool="big")
@@ -893,7 +901,7 @@ def test_usage_is_counted_for_the_pool_whose_worker_wrote_the_shard(
     assert stats["pools"]["big"]["done"] == 1
     assert stats["pools"]["small"]["prompt_tokens"] == 0
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    again = QueueStore(queue_target, clock=clock, wall=wall)
     assert again.stats("mix")["pools"]["big"]["busy_s"] == 2.5
 
 
@@ -903,9 +911,9 @@ def test_an_item_of_an_empty_pool_name_is_refused(store: QueueStore) -> None:
 
 
 def test_pending_items_move_between_pools_and_leased_ones_never_do(
-    tmp_path: Path, clock: Clock, wall: Clock
+    tmp_path: Path, queue_target: str, clock: Clock, wall: Clock
 ) -> None:
-    store = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    store = QueueStore(queue_target, clock=clock, wall=wall)
     store.create_job(JobSpec("late", pool="local"))
     store.enqueue("late", [NewItem(f"i{k}", "{}", 10) for k in range(10)])
     held = store.lease("w", 3, pool="local")  # the oldest three are leased
@@ -922,6 +930,6 @@ def test_pending_items_move_between_pools_and_leased_ones_never_do(
     store.complete([x.token for x in held + moved])
     counts = _pool_counts(store, "late")
     store.close()
-    again = QueueStore(tmp_path / "q.sqlite", clock=clock, wall=wall)
+    again = QueueStore(queue_target, clock=clock, wall=wall)
     assert _pool_counts(again, "late") == counts  # the database says the same as the mirror
     assert again.stats("late")["total"] == 10

@@ -1,0 +1,178 @@
+"""What only the PostgreSQL queue has, on a real server: its URL rules, the owner lock held by a
+session, a lost session (a server restart, a killed backend, a COMMIT cut off) that loses and
+doubles nothing, and the schema version both backends check (``inference queue migrate``)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from inference.cli import app
+from inference.config import parse_config
+from inference.errors import ConfigError, QueueError, StorageError
+from inference.queue.db import DatabaseOwned
+from inference.queue.store import JobSpec, NewItem, QueueStore
+from tests.support.pgserver import PASSWORD
+
+
+def _items(*ids: str) -> list[NewItem]:
+    return [NewItem(i, json.dumps({"v": i}), 10) for i in ids]
+
+
+def _store(url: str, **kwargs: Any) -> QueueStore:
+    store = QueueStore(url, **kwargs)
+    if "j" not in store.job_ids():
+        store.create_job(JobSpec("j", max_attempts=3, backoff_base_s=0.0))
+    return store
+
+
+def test_a_url_with_a_password_is_refused_naming_where_the_password_goes() -> None:
+    with pytest.raises(ConfigError, match="PGPASSWORD"):
+        parse_config({"queue": {"url": "postgresql://me:secret@db.example/queue"}})
+    with pytest.raises(QueueError, match="PGPASSWORD"):
+        QueueStore("postgresql://me:secret@127.0.0.1:1/queue")
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({"queue": {"url": "postgresql://me@db/q", "db_path": "/tmp/q.sqlite"}})
+    with pytest.raises(ConfigError, match="postgresql://"):
+        parse_config({"queue": {"url": "mysql://me@db/q"}})
+    assert parse_config({"queue": {"url": "postgresql://me@db/q"}}).queue.url
+
+
+def test_an_unreachable_server_is_a_storage_error_naming_it_without_a_password() -> None:
+    with pytest.raises(StorageError, match=r"127\.0\.0\.1:1/"):
+        QueueStore("postgresql://me@127.0.0.1:1/queue?connect_timeout=2")
+
+
+def test_one_owner_at_a_time_and_the_lock_goes_with_its_session(pg_server: Any) -> None:
+    url = pg_server.database()
+    first = _store(url, owner_wait_s=0.0)
+    with pytest.raises(DatabaseOwned, match="RAY_ADDRESS"):
+        QueueStore(url, owner_wait_s=0.3)
+    look = QueueStore(url, read_only=True)  # a look takes no lock
+    assert look.stats("j")["total"] == 0
+    with pytest.raises(StorageError):
+        look.enqueue("j", _items("a"))
+    look.close()
+    first.close()
+    second = QueueStore(url, owner_wait_s=0.0)
+    second.close()
+
+
+def test_the_store_rides_out_a_restart_of_the_server(pg_server: Any) -> None:
+    """An immediate restart (a crash of the server; the WAL is replayed): what was committed
+    is there, and every call after it works on a new session, the outstanding leases still
+    fenced by their epochs."""
+    url = pg_server.database()
+    store = _store(url, owner_wait_s=0.0)
+    assert store.enqueue("j", _items(*(f"i{n}" for n in range(50)))).accepted == 50
+    held = store.lease("w", 10)
+    pg_server.restart("immediate")
+    stats = store.stats("j")
+    assert (stats["pending"], stats["leased"]) == (40, 10)
+    assert store.complete([x.token for x in held[:5]]) == []
+    stale = (held[5].token[0], held[5].token[1] - 1)
+    [refusal] = store.complete([stale])
+    assert "stale lease" in refusal.reason
+    assert store.enqueue("j", _items("i0", "late")).accepted == 1  # i0: a duplicate still
+    store.close()
+    again = QueueStore(url)
+    stats = again.stats("j")
+    assert (stats["done"], stats["leased"], stats["pending"]) == (5, 5, 41)
+    again.close()
+
+
+def test_a_killed_session_before_a_commit_is_retried_once_and_commits_once(
+    pg_server: Any,
+) -> None:
+    url = pg_server.database()
+    store = _store(url, owner_wait_s=0.0)
+    store.enqueue("j", _items("a", "b"))
+    held = store.lease("w", 2)
+    n, _ = store.declare_shard("j", [x.token for x in held], "w", "/o/{n}", "/t/{n}")
+    (pid,) = store.db.execute("SELECT pg_backend_pid()").fetchone()
+    with psycopg.connect(pg_server.url, autocommit=True, password=PASSWORD) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    store.commit_shard("j", n, rows=2, nbytes=10, usage={"prompt_tokens": 7})
+    stats = store.stats("j")
+    assert (stats["done"], stats["prompt_tokens"]) == (2, 7)
+    assert [s["n"] for s in store.committed_shards("j")] == [n]
+    store.close()
+
+
+def test_a_commit_that_committed_but_whose_answer_was_lost_counts_once(
+    pg_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst cut: the server committed, the session died before the client heard it. The
+    store must not report a failure (the shard is published and its items are done), nor run
+    the commit again (tokens counted twice)."""
+    url = pg_server.database()
+    store = _store(url, owner_wait_s=0.0)
+    store.enqueue("j", _items("a", "b"))
+    held = store.lease("w", 2)
+    n, _ = store.declare_shard("j", [x.token for x in held], "w", "/o/{n}", "/t/{n}")
+    conn = store.db
+    real = conn.execute
+    cut = []
+
+    def execute(sql: str, params: Any = ()) -> Any:
+        result = real(sql, params)
+        if sql == "COMMIT" and not cut:
+            cut.append(sql)
+            conn._conn.close()  # the answer never arrives
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(conn, "execute", execute)
+    store.commit_shard("j", n, rows=2, nbytes=10, usage={"prompt_tokens": 7})
+    assert cut
+    monkeypatch.undo()
+    stats = store.stats("j")
+    assert (stats["done"], stats["leased"], stats["prompt_tokens"]) == (2, 0, 7)
+    assert store.shard("j", n)["state"] == "committed"
+    store.close()
+
+
+def _bump_schema(target: str, version: int) -> None:
+    if target.startswith("postgresql://"):
+        with psycopg.connect(target, autocommit=True, password=PASSWORD) as db:
+            db.execute(
+                "UPDATE queue_meta SET value = %s WHERE key = 'schema_version'", (str(version),)
+            )
+    else:
+        raw = sqlite3.connect(target)
+        raw.execute(f"PRAGMA user_version={version}")
+        raw.close()
+
+
+def test_a_schema_newer_than_this_version_is_refused(queue_target: str) -> None:
+    QueueStore(queue_target).close()
+    _bump_schema(queue_target, 99)
+    with pytest.raises(StorageError, match="schema 99, newer"):
+        QueueStore(queue_target)
+
+
+def test_queue_migrate_creates_then_finds_nothing_to_do(queue_target: str, tmp_path: Path) -> None:
+    key = "url" if queue_target.startswith("postgresql://") else "db_path"
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"queue": {key: queue_target}}))
+    runner = CliRunner()
+    first = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "created the queue schema, version 4" in first.output
+    again = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    owner = QueueStore(queue_target, owner_wait_s=0.0)  # a running WorkQueue holds it
+    try:
+        busy = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
+        assert busy.exit_code == 2 and "RAY_ADDRESS" in busy.output
+    finally:
+        owner.close()
+    _bump_schema(queue_target, 99)
+    newer = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
+    assert newer.exit_code == 2 and "newer" in newer.output
