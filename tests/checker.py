@@ -44,7 +44,23 @@ def _read(path: Path, schema: object) -> list[str] | None:
     return table.column("custom_id").to_pylist()
 
 
-def check(job_dir: Path, db_path: Path, job_id: str) -> Verdict:
+def _queue_rows(db_path: Path | str, job_id: str) -> tuple[set[str], dict[str, set[str]]]:
+    """The job's accepted custom ids, and the custom ids of each committed shard by file name,
+    from the queue's database: a SQLite file, or a ``postgresql://`` URL."""
+    if str(db_path).startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(str(db_path)) as pg:
+            ids_of = dict(
+                pg.execute("SELECT id, item_id FROM items WHERE job_id = %s", (job_id,)).fetchall()
+            )
+            shards = pg.execute(
+                "SELECT path, tokens FROM shards WHERE job_id = %s AND state = 'committed'",
+                (job_id,),
+            ).fetchall()
+        return set(ids_of.values()), {
+            Path(path).name: {ids_of[t[0]] for t in json.loads(tokens)} for path, tokens in shards
+        }
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     accepted = {
         row[0] for row in db.execute("SELECT item_id FROM items WHERE job_id = ?", (job_id,))
@@ -63,6 +79,11 @@ def check(job_dir: Path, db_path: Path, job_id: str) -> Verdict:
         }
         shard_rows[Path(path).name] = names
     db.close()
+    return accepted, shard_rows
+
+
+def check(job_dir: Path, db_path: Path | str, job_id: str) -> Verdict:
+    accepted, shard_rows = _queue_rows(db_path, job_id)
     data: Counter[str] = Counter()
     partial = 0
     for file in sorted((job_dir / "data").glob("*")):

@@ -89,7 +89,7 @@ class FaultRun:
                 f.write(json.dumps(self.recorded) + "\n")
 
     def check(
-        self, job_dir: Path, db: Path, job_id: str, expected: int, *, partial_ok: bool = False
+        self, job_dir: Path, db: Path | str, job_id: str, expected: int, *, partial_ok: bool = False
     ) -> Verdict:
         """Run the checker, record its row, and assert the run was clean: ``expected`` items
         accepted, each in data or errors exactly once, nothing unexpected or partial."""
@@ -103,7 +103,7 @@ class FaultRun:
         return verdict
 
 
-def assert_exactly_once(job_dir: Path, db: Path, job_id: str, expected: int) -> None:
+def assert_exactly_once(job_dir: Path, db: Path | str, job_id: str, expected: int) -> None:
     """The checker's four counts are 0 and every one of ``expected`` items is in the output
     (for tests outside the fault matrix, which record no row)."""
     verdict = check(job_dir, db, job_id)
@@ -186,6 +186,8 @@ def config_file(tmp: Path, *, output: dict[str, Any] | None = None, **queue: obj
         },
         "scaling": {"cpus_per_worker": 1},
     }
+    if "url" in queue:  # the queue on PostgreSQL
+        del config["queue"]["db_path"]
     path = tmp / "config.yaml"
     path.write_text(json.dumps(config))
     return path
