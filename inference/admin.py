@@ -62,7 +62,7 @@ class QueueAccess:
             self._actor = get_queue()
         else:
             from inference.queue.pg import is_postgres_url
-            from inference.queue.store import QueueStore
+            from inference.queue.shared import open_store
 
             target = queue_db_path(config, config.output.path)
             if not is_postgres_url(target) and not Path(target).is_file():
@@ -70,8 +70,11 @@ class QueueAccess:
                     f"no queue database at {target} (set --output, queue.db_path or queue.url)"
                 )
             # A write takes the owner lock (held until this process ends); a look takes none.
-            self._store = QueueStore(
-                target, read_only=not write, owner_wait_s=0.0 if write else None
+            self._store = open_store(
+                target,
+                shared=config.queue.shared,
+                read_only=not write,
+                owner_wait_s=0.0 if write else None,
             )
 
     def call(self, method: str, *args: Any) -> Any:

@@ -361,10 +361,18 @@ class QueueConfig(_Section):
         "URL). The queue's state then lives off the cluster: its actor may run on any node, "
         "and a lost head node loses nothing.",
     )
+    shared: bool = Field(
+        False,
+        description="With url: this cluster's WorkQueue shares the database with other "
+        "clusters' (every one with shared: true); they drain the same jobs together, exactly "
+        "once. Off: one WorkQueue owns the database.",
+    )
 
     @model_validator(mode="after")
     def _one_database(self) -> QueueConfig:
         if self.url is None:
+            if self.shared:
+                raise ValueError("shared needs url: only a PostgreSQL queue can be shared")
             return self
         from inference.queue.pg import check_url, is_postgres_url
 

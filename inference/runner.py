@@ -217,7 +217,9 @@ def run_job(
 
     good_by_pool, _problems, _count = check_input(input_path, config)  # before anything starts
     connect()
-    queue = get_or_create_queue(queue_db_path(config, output_root), config.queue.max_item_bytes)
+    queue = get_or_create_queue(
+        queue_db_path(config, output_root), config.queue.max_item_bytes, config.queue.shared
+    )
     try:
         resumed = not ray.get(queue.create_job.remote(job_spec(config, job_id, output_root)))
     except JobConflict as exc:  # Ray's wrapper of the queue's error: raise the error itself

@@ -91,7 +91,9 @@ def serve(
     os.environ.pop("INFERENCE_API_TOKENS", None)
     connect()
     queue = get_or_create_queue(
-        queue_db_path(config, config.output.path), config.queue.max_item_bytes
+        queue_db_path(config, config.output.path),
+        config.queue.max_item_bytes,
+        config.queue.shared,
     )
     controller = get_or_create_controller(state_dir(config))
     options: dict[str, Any] = {

@@ -29,13 +29,13 @@ from inference.faults import fault
 from inference.heap import freeze_startup_heap
 from inference.queue.pg import is_postgres_url
 from inference.queue.remote import RemoteLedger
+from inference.queue.shared import open_store
 from inference.queue.store import (
     EnqueueResult,
     JobSpec,
     LeasedItem,
     LeaseToken,
     NewItem,
-    QueueStore,
     Refusal,
 )
 from inference.shards import JobOutput
@@ -74,13 +74,14 @@ class WorkQueue:
     that relies on it can never interleave with another call.
     """
 
-    def __init__(self, db_path: str, max_item_bytes: int = 1_000_000) -> None:
-        """``db_path``: the SQLite file, or a ``postgresql://`` URL."""
+    def __init__(self, db_path: str, max_item_bytes: int = 1_000_000, shared: bool = False) -> None:
+        """``db_path``: the SQLite file, or a ``postgresql://`` URL; ``shared``: this
+        cluster's WorkQueue is one of several on that database (``queue.shared``)."""
         logging.basicConfig(level=logging.INFO)
         # The one writer of this database for as long as the actor lives (operator commands
         # without a cluster address refuse to write it meanwhile). A restarted actor may wait
         # for its predecessor's process (or, on PostgreSQL, session) to be gone.
-        self._store = QueueStore(db_path, owner_wait_s=OWNER_WAIT_S)
+        self._store = open_store(db_path, shared=shared, owner_wait_s=OWNER_WAIT_S)
         self._remote = RemoteLedger(self._store.db)
         self._max_item_bytes = max_item_bytes
         self._outputs: dict[str, JobOutput] = {}
@@ -90,28 +91,12 @@ class WorkQueue:
     # --------------------------------------------------------------- recovery
     def _recover(self) -> None:
         rearmed = self._store.rearm_leases()
-        for shard in self._store.declared_shards():
-            output = self._output(shard["job_id"])
-            if output.exists(shard["path"]):
-                # The publish happened and the crash came before the items' transaction: the
-                # leases were valid at the publish (checked in the same turn), so complete them,
-                # with the rows, bytes and tokens the file itself holds.
-                rows, nbytes, usage = output.shard_facts(shard["path"])
-                self._store.commit_shard(
-                    shard["job_id"],
-                    shard["n"],
-                    rows=rows,
-                    nbytes=nbytes,
-                    usage=usage,
-                    check_leases=False,
-                )
-                logger.info(
-                    "recovery: shard %s/%d was published; items completed",
-                    shard["job_id"],
-                    shard["n"],
-                )
-            else:
-                self._store.abort_shard(shard["job_id"], shard["n"])
+        self._settle_orphans()
+        if self._store.shared:
+            # Temporary files may be other clusters' shards in the making: a dead writer's
+            # are removed with its declared shards, by the writer that settles them.
+            logger.info("WorkQueue ready db=%s (shared, tag %s)", self._store.path, self._tag())
+            return
         for job_id in self._store.job_ids():
             if "output_path" not in self._store.job_spec(job_id).settings:
                 continue  # its consumers keep results elsewhere (complete() without shards)
@@ -120,6 +105,40 @@ class WorkQueue:
             except (OSError, OutputError) as exc:
                 logger.warning("recovery: cannot clean temporaries of %s: %s", job_id, exc)
         logger.info("WorkQueue ready db=%s leases_rearmed=%d", self._store.path, rearmed)
+
+    def _tag(self) -> str:
+        return str(getattr(self._store, "tag", ""))
+
+    def _settle_orphans(self) -> None:
+        """Declared shards whose writer is gone (this queue's previous life, or, on a shared
+        database, another cluster's WorkQueue): a publish that happened is completed, with the
+        rows, bytes and tokens the file itself holds (its leases were valid at the publish,
+        checked in the same turn); one that did not is aborted and its temporary removed."""
+        try:
+            for shard in self._store.orphaned_shards():
+                self._settle(shard)
+        finally:
+            self._store.release_orphans()
+
+    def _settle(self, shard: dict[str, Any]) -> None:
+        job_id, n = shard["job_id"], shard["n"]
+        output = self._output(job_id)
+        if not output.exists(shard["path"]):
+            self._drop_declared(shard)
+            return
+        rows, nbytes, usage = output.shard_facts(shard["path"])
+        try:
+            self._store.commit_shard(
+                job_id, n, rows=rows, nbytes=nbytes, usage=usage, check_leases=False
+            )
+        except QueueError as exc:
+            # Its leases came back before it could be settled: its items run again, so the
+            # file must not count (nor be seen).
+            logger.warning("recovery: shard %s/%d not completed (%s): removed", job_id, n, exc)
+            output.remove(shard["path"])
+            self._store.abort_shard(job_id, n)
+            return
+        logger.info("recovery: shard %s/%d was published; items completed", job_id, n)
 
     def _output(self, job_id: str) -> JobOutput:
         if job_id not in self._outputs:
@@ -157,10 +176,18 @@ class WorkQueue:
         lease_s: float = 60.0,
         pool: str | None = None,
     ) -> list[LeasedItem]:
+        self._orphans_now()
         return self._store.lease(worker, max_items, max_tokens, lease_s, pool)
 
     def extend(self, tokens: Sequence[LeaseToken], lease_s: float) -> list[Refusal]:
+        self._orphans_now()
         return self._store.extend(tokens, lease_s)
+
+    def _orphans_now(self) -> None:
+        """On a shared database: settle a dead writer's shards before its leases may expire
+        (the calls that come often look, at most once per refresh)."""
+        if self._store.orphans_due():
+            self._settle_orphans()
 
     def release(self, tokens: Sequence[LeaseToken], cause: str = "drained") -> list[Refusal]:
         return self._store.release(tokens, cause)
@@ -170,8 +197,9 @@ class WorkQueue:
         killed), so the shards it declared and never committed are aborted and their
         temporary files removed now, not at the queue's next start."""
         released = self._store.release_worker(worker, cause)
+        key = self._store.worker_key(worker)
         for shard in self._store.declared_shards():
-            if shard["worker"] == worker:
+            if shard["worker"] == key:
                 self._drop_declared(shard)
         return released
 
@@ -283,6 +311,7 @@ class WorkQueue:
         return self._store.redrive(job_id, item_ids, batch_ok)
 
     def stats(self, job_id: str | None = None) -> dict[str, Any]:
+        self._orphans_now()
         stats = self._store.stats(job_id)
         for jid, st in [(job_id, stats)] if job_id is not None else stats["jobs"].items():
             remote = self._remote.summary(jid)
@@ -334,7 +363,9 @@ class WorkQueue:
         return os.getpid()
 
 
-def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) -> Any:
+def get_or_create_queue(
+    db_path: str | Path, max_item_bytes: int = 1_000_000, shared: bool = False
+) -> Any:
     """The cluster's WorkQueue actor, created when it does not exist yet: on the head node for a
     SQLite file (its disk is the head's), anywhere for PostgreSQL (a restart may land on another
     node: the database is the state)."""
@@ -353,7 +384,7 @@ def get_or_create_queue(db_path: str | Path, max_item_bytes: int = 1_000_000) ->
         max_task_retries=-1,
         num_cpus=0,
         **options,
-    ).remote(str(db_path), max_item_bytes)
+    ).remote(str(db_path), max_item_bytes, shared)
     ray.get(handle.ping.remote())
     return handle
 

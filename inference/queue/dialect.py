@@ -11,8 +11,11 @@ field of the JSON payload. Everything else (``RETURNING``, ``ON CONFLICT``, part
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["POSTGRES", "SQLITE", "Dialect", "dialect_of", "postgres_ddl"]
 
@@ -27,6 +30,17 @@ class Dialect:
     payload_url: str
     """The ``url`` field of an item's JSON payload."""
     history_format: str
+    held: str
+    """A condition on items: among a list of leases, one parameter. SQLite's names the rowids
+    (its one writer's mirror already fenced the epochs); PostgreSQL's names ``(id, epoch)``
+    pairs, so a lease another writer of the database took since can never match."""
+    held_pairs: bool
+
+    def held_param(self, held: Sequence[tuple[int, Any]]) -> str:
+        """The parameter of :attr:`held` for ``(rowid, lease)`` pairs (a lease has ``epoch``)."""
+        if self.held_pairs:
+            return json.dumps([[i, lease.epoch] for i, lease in held])
+        return json.dumps([i for i, _ in held])
 
     def history(self, entry: str) -> str:
         """An expression: the item's ``history`` with one more entry, the JSON object built
@@ -40,6 +54,8 @@ SQLITE = Dialect(
     names="(SELECT value FROM json_each(?))",
     payload_url="json_extract(payload, '$.url')",
     history_format="json_insert(COALESCE(history, '[]'), '$[#]', json_object({entry}))",
+    held="id IN (SELECT value FROM json_each(?))",
+    held_pairs=False,
 )
 
 POSTGRES = Dialect(
@@ -51,6 +67,11 @@ POSTGRES = Dialect(
         "CAST(COALESCE(CAST(history AS JSONB), CAST('[]' AS JSONB))"
         " || jsonb_build_array(jsonb_build_object({entry})) AS TEXT)"
     ),
+    held=(
+        "(id, epoch) IN (SELECT CAST(value ->> 0 AS BIGINT), CAST(value ->> 1 AS BIGINT)"
+        " FROM json_array_elements(CAST(? AS JSON)))"
+    ),
+    held_pairs=True,
 )
 
 

@@ -133,7 +133,10 @@ def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
 
 class QueueStore:
     """All queue state transitions, each one database transaction (SQLite, or PostgreSQL when
-    ``path`` is a ``postgresql://`` URL)."""
+    ``path`` is a ``postgresql://`` URL), with one writer per database (see
+    :mod:`inference.queue.shared` for several)."""
+
+    shared = False
 
     def __init__(
         self,
@@ -285,11 +288,15 @@ class QueueStore:
             return False
         now = self._wall()
         with self._tx():
-            self._db.execute(
+            created = self._db.execute(
                 "INSERT INTO jobs(job_id, pool, priority, state, spec, not_before, created_at)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?)",
+                " VALUES (?, ?, ?, 'active', ?, ?, ?) ON CONFLICT DO NOTHING",
                 (spec.job_id, spec.pool, spec.priority, spec.to_json(), spec.not_before, now),
-            )
+            ).rowcount
+        if not created:  # another writer of a shared database created it meanwhile
+            self._resync(f"job {spec.job_id} was created by another writer")
+            self._resume(self._m.job(spec.job_id), spec)
+            return False
         self._m.jobs[spec.job_id] = Job(spec=spec, state="active", created_at=now)
         logger.info("job created job=%s pool=%s priority=%d", spec.job_id, spec.pool, spec.priority)
         return True
@@ -430,6 +437,7 @@ class QueueStore:
         if lease_s <= 0:
             raise QueueError(f"lease_s must be positive, not {lease_s}")
         now = self._sweep()
+        worker = self.worker_key(worker)
         try:
             return self._lease(worker, max_items, max_tokens, now + lease_s, lease_s, pool)
         except _Diverged:
@@ -449,22 +457,13 @@ class QueueStore:
         if not plan:
             return []
         with self._tx():
-            picks = [self._db.execute(_PICK_SQL, entry).fetchall() for entry in plan]
-            if any(len(rows) < n for (*_, n), rows in zip(plan, picks, strict=True)):
-                raise _Diverged("the counters promised more leasable items")
+            picks = self._pick(plan)
             if max_tokens is not None:
                 sizes = [[row[5] for row in rows] for rows in picks]
                 keep = fit_token_budget(sizes, [p for _, _, p, _ in plan], max_tokens)
                 picks = [rows[:k] for rows, k in zip(picks, keep, strict=True)]
             picks = _alone_if_suspect(picks)
-            for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
-                if rows:
-                    taken = self._db.execute(
-                        _TAKE_SQL,
-                        (deadline, lease_s, worker, job_id, lane, priority, rows[-1][0]),
-                    ).rowcount
-                    if taken != len(rows):
-                        raise _Diverged("a lease took other rows than it picked")
+            self._take(plan, picks, deadline, lease_s, worker)
         out: Packed[LeasedItem] = Packed()
         for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
             tokens_sum = 0
@@ -484,6 +483,32 @@ class QueueStore:
         self._next_expiry = min(self._next_expiry, deadline)
         logger.debug("leased worker=%s items=%d", worker, len(out))
         return out
+
+    def _pick(self, plan: list[tuple[str, str, int, int]]) -> list[list[Any]]:
+        """Inside the lease's transaction: the first pending rows of each planned lane."""
+        picks = [self._db.execute(_PICK_SQL, entry).fetchall() for entry in plan]
+        if any(len(rows) < n for (*_, n), rows in zip(plan, picks, strict=True)):
+            raise _Diverged("the counters promised more leasable items")
+        return picks
+
+    def _take(
+        self,
+        plan: list[tuple[str, str, int, int]],
+        picks: list[list[Any]],
+        deadline: float,
+        lease_s: float,
+        worker: str,
+    ) -> None:
+        """Inside the lease's transaction: lease the picked rows (each lane's are a prefix of
+        its pending index, so one range update per lane takes them)."""
+        for (job_id, lane, priority, _), rows in zip(plan, picks, strict=True):
+            if rows:
+                taken = self._db.execute(
+                    _TAKE_SQL,
+                    (deadline, lease_s, worker, job_id, lane, priority, rows[-1][0]),
+                ).rowcount
+                if taken != len(rows):
+                    raise _Diverged("a lease took other rows than it picked")
 
     def _plan(self, max_items: int, pool: str | None) -> list[tuple[str, str, int, int]]:
         """How many items to take from each (job, pool, priority): classes from the highest,
@@ -604,7 +629,8 @@ class QueueStore:
     def release_worker(self, worker: str, cause: str = "worker_lost") -> int:
         """Return every item a worker holds (it died, or it was drained)."""
         self._sweep()
-        tokens = [(i, h.epoch) for i, h in self._m.leases.items() if h.worker == worker]
+        key = self.worker_key(worker)
+        tokens = [(i, h.epoch) for i, h in self._m.leases.items() if h.worker == key]
         self.release(tokens, cause=cause)
         return len(tokens)
 
@@ -678,8 +704,8 @@ class QueueStore:
         """Inside a transaction: these leased items to done."""
         done = self._db.execute(
             "UPDATE items SET state = 2, shard = ?, worker = NULL, deadline = NULL,"
-            f" attempts = attempts + 1, finished_at = ? WHERE id IN {self._d.ids} AND state = 1",
-            (shard, wall, json.dumps([i for i, _ in held])),
+            f" attempts = attempts + 1, finished_at = ? WHERE {self._d.held} AND state = 1",
+            (shard, wall, self._d.held_param(held)),
         ).rowcount
         if done != len(held):
             raise _Diverged(f"{len(held) - done} held lease(s) were not leased in the database")
@@ -755,8 +781,14 @@ class QueueStore:
         now = self._sweep()
         job = self._m.job(job_id)
         held, refused = self._fence(_tokens(tokens), now)
-        n = job.next_shard
         with self._tx():
+            # Numbered by the database, not the mirror: writers of a shared database never
+            # draw the same number.
+            (n,) = self._db.execute(
+                "UPDATE jobs SET next_shard = next_shard + 1 WHERE job_id = ?"
+                " RETURNING next_shard - 1",
+                (job_id,),
+            ).fetchone()
             self._db.execute(
                 "INSERT INTO shards(job_id, n, state, path, tmp_path, tokens, worker, created_at)"
                 " VALUES (?, ?, 'declared', ?, ?, ?, ?, ?)",
@@ -766,13 +798,31 @@ class QueueStore:
                     fill_shard_number(path, n),
                     fill_shard_number(tmp_path, n),
                     json.dumps([(i, h.epoch) for i, h in held]),
-                    worker,
+                    self.worker_key(worker),
                     self._wall(),
                 ),
             )
-            self._db.execute("UPDATE jobs SET next_shard = ? WHERE job_id = ?", (n + 1, job_id))
         job.next_shard = n + 1
         return n, refused
+
+    def worker_key(self, worker: str) -> str:
+        """How the database names a worker (in leases and shards): its own name here; a
+        shared database tells clusters' workers apart (:mod:`inference.queue.shared`)."""
+        return worker
+
+    def orphaned_shards(self) -> list[dict[str, Any]]:
+        """Declared shards whose writer is gone, for the WorkQueue to settle (a publish that
+        happened is completed, one that did not is aborted): at the start of the one owner,
+        every declared shard. :meth:`release_orphans` once they are settled."""
+        return self.declared_shards()
+
+    def orphans_due(self) -> bool:
+        """Whether the WorkQueue should look for orphaned shards now (the one owner: only at
+        its start)."""
+        return False
+
+    def release_orphans(self) -> None:
+        """The orphans of :meth:`orphaned_shards` are settled."""
 
     @_reconnecting
     def shard(self, job_id: str, n: int) -> dict[str, Any]:

@@ -115,3 +115,62 @@ def test_postgresql_restarted_twice_under_load_loses_and_doubles_nothing(
     )
     assert "reconnected to the queue database" in logs
     run.check(tmp_path / "out" / "pg-restart", url, "pg-restart", 1500)
+
+
+def _shared_config(folder: Path, url: str) -> Path:
+    """A config of ``folder`` for one of two clusters sharing the queue: one worker each."""
+    path = config_file(folder, url=url, shared=True, lease_s=4)
+    config = json.loads(path.read_text())
+    config["scaling"]["max_workers"] = 1
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _writers_of_committed_shards(url: str, job_id: str) -> set[str]:
+    """The WorkQueue tags of the workers whose shards committed (one per cluster); none
+    before the queue's tables exist."""
+    with psycopg.connect(url) as db:
+        if not db.execute("SELECT to_regclass('shards') IS NOT NULL").fetchone()[0]:
+            return set()
+        rows = db.execute(
+            "SELECT DISTINCT worker FROM shards WHERE job_id = %s AND state = 'committed'",
+            (job_id,),
+        ).fetchall()
+    return {worker.rpartition("@")[2] for (worker,) in rows}
+
+
+@pytest.mark.parametrize("lose_one", [False, True], ids=["both-to-the-end", "one-lost"])
+def test_two_clusters_drain_one_job_from_one_queue_exactly_once(
+    tmp_path: Path, ray_tmp: str, pg_server: Any, lose_one: bool
+) -> None:
+    """Two ``inference run`` processes, each with its own embedded Ray cluster, on the same
+    job, input, output and PostgreSQL queue (``queue.shared``). Both take part; with
+    ``one-lost`` the first cluster is killed -9 once both have committed shards, and the other
+    finishes the job, the lost one's leases and declared shards included."""
+    from tests.faults.harness import assert_exactly_once
+
+    url = pg_server.database()
+    # Long enough that the cluster up second still finds work when its worker is ready.
+    path = write_items(tmp_path / "in.jsonl", 3000, 31 + lose_one, max_tokens=(8, 16))
+    args = [str(path), "--config", str(_shared_config(tmp_path, url)), "--job-id", "two"]
+    other_tmp = tempfile.mkdtemp(prefix="ic-", dir="/tmp")
+    try:
+        first = inference_run(args, run_env(ray_tmp))
+        second = inference_run(args, run_env(other_tmp))
+        if lose_one:
+            # Killed while both clusters are at work, each with shards committed.
+            deadline = time.monotonic() + 240
+            while len(_writers_of_committed_shards(url, "two")) < 2:
+                assert first.poll() is None and second.poll() is None
+                assert time.monotonic() < deadline, "the clusters did not both take part"
+                time.sleep(0.2)
+            kill_cluster(ray_tmp, first)
+        else:
+            finish(first)
+        finish(second)
+        writers = _writers_of_committed_shards(url, "two")
+    finally:
+        kill_processes_of(other_tmp)
+        shutil.rmtree(other_tmp, ignore_errors=True)
+    assert len(writers) == 2, writers  # both clusters committed shards
+    assert_exactly_once(tmp_path / "out" / "two", url, "two", 3000)
