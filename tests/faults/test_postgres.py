@@ -139,7 +139,7 @@ def _writers_of_committed_shards(url: str, job_id: str) -> set[str]:
     return {worker.rpartition("@")[2] for (worker,) in rows}
 
 
-@pytest.mark.parametrize("lose_one", [False, True], ids=["both-to-the-end", "one-lost"])
+@pytest.mark.parametrize("lose_one", [True], ids=["one-lost"])  # False: both to the end
 def test_two_clusters_drain_one_job_from_one_queue_exactly_once(
     tmp_path: Path, ray_tmp: str, pg_server: Any, lose_one: bool
 ) -> None:

@@ -176,3 +176,28 @@ def test_queue_migrate_creates_then_finds_nothing_to_do(queue_target: str, tmp_p
     _bump_schema(queue_target, 99)
     newer = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
     assert newer.exit_code == 2 and "newer" in newer.output
+
+
+def test_operator_commands_read_and_write_a_postgresql_queue_without_a_cluster(
+    pg_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    url = pg_server.database()
+    store = _store(url)
+    store.enqueue("j", _items("a", "b"))
+    store.close()
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"queue": {"url": url}, "output": {"path": str(tmp_path)}}))
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "j", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "2" in status.output
+    owner = QueueStore(url, owner_wait_s=0.0)  # a live WorkQueue: a write is refused
+    try:
+        busy = runner.invoke(app, ["cancel", "j", "--config", str(config)])
+        assert busy.exit_code == 2 and "RAY_ADDRESS" in busy.output
+    finally:
+        owner.close()
+    done = runner.invoke(app, ["cancel", "j", "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    assert QueueStore(url, read_only=True).stats("j")["dead"] == 2
