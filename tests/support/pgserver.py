@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -68,8 +69,13 @@ class PgServer:
                     capture_output=True,
                 )
             self._user = {"user": SYSTEM_USER}
-            # The server's user must reach its folders and the binaries' libraries.
+            # The server's user must reach its folders, and the binaries through every folder
+            # above them (a clone in a `mktemp -d` folder is 0700): let others pass (x only).
             os.chmod(self.base, 0o755)
+            for folder in self.bin.parents:
+                mode = folder.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    folder.chmod(mode | stat.S_IXOTH)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if self._user:
             shutil.chown(self.socket_dir, SYSTEM_USER)
