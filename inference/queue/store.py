@@ -598,9 +598,9 @@ class QueueStore:
             deadline = now + lease_s
             with self._tx():
                 self._db.execute(
-                    "UPDATE items SET deadline = ?, lease_s = ?"
-                    f" WHERE id IN {self._d.ids} AND state = 1",
-                    (deadline, lease_s, json.dumps([i for i, _ in held])),
+                    f"UPDATE items SET deadline = ?, lease_s = ? WHERE {self._d.held}"
+                    " AND state = 1",
+                    (deadline, lease_s, self._d.held_param(held)),
                 )
             for _, lease in held:
                 lease.deadline = deadline
