@@ -68,7 +68,10 @@ class PgServer:
                     check=True,
                     capture_output=True,
                 )
-            self._user = {"user": SYSTEM_USER}
+            # Its own group too, and no other: with root's group the group bits of a 0700
+            # folder (---) would apply to it, not the others' bits.
+            entry = pwd.getpwnam(SYSTEM_USER)
+            self._user = {"user": SYSTEM_USER, "group": entry.pw_gid, "extra_groups": []}
             # The server's user must reach its folders, and the binaries through every folder
             # above them (a clone in a `mktemp -d` folder is 0700): let others pass (x only).
             os.chmod(self.base, 0o755)
