@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/mypy bench
 
 test: lint
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=40 tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
