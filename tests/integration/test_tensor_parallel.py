@@ -211,6 +211,18 @@ def _worker_view(handle: Any) -> dict[str, Any]:
     return dict(ray.get(handle.__ray_call__.remote(look), timeout=120))
 
 
+def _named_actor(name: str) -> Any:
+    """The live actor of that name in the project's namespace; None while there is none."""
+    import ray
+
+    from inference.queue.actor import NAMESPACE
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def scenario(work: Path) -> dict[str, Any]:
     import ray
 
@@ -276,7 +288,8 @@ def scenario(work: Path) -> dict[str, Any]:
         "bundles": {str(k): v for k, v in group["bundles"].items()},
     }
     seen["gpus_free_while_running"] = ray.available_resources().get("GPU", 0.0)
-    handle = ray.get_actor(group["name"], namespace=NAMESPACE)  # the PG is named after it
+    # The group is named after its worker, whose actor may be registered a moment later.
+    handle = _wait("the group's worker", lambda: _named_actor(group["name"]), 60)
     seen["worker_while_running"] = _worker_view(handle)
     thread.join(SCENARIO_TIMEOUT_S)
     if "error" in box or "summary" not in box:
