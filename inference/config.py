@@ -744,6 +744,11 @@ class Config(BaseModel):
                 return entry.model
         return None
 
+    def stored(self) -> dict[str, Any]:
+        """This config as it may be stored (job records, a shared queue) and shipped to
+        workers: the API's tokens left out."""
+        return self.model_copy(update={"api": self.api.redacted()}).model_dump(mode="json")
+
     def pools(self) -> dict[str, Config]:
         """Every engine pool of the job by name: each model's (named by its ``engine.model``)
         and, where ``scaling.overflow`` is set, its overflow pool (``<model>+overflow``) of

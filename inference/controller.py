@@ -50,7 +50,8 @@ from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker, job_cost
-from inference.queue.actor import NAMESPACE, get_queue, head_node_id
+from inference.queue.actor import NAMESPACE, OWNER_WAIT_S, get_queue, head_node_id
+from inference.queue.db import DatabaseOwned, hold_owner_lock
 from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
@@ -82,8 +83,18 @@ def window_s(text: str) -> int:
 class Registry:
     """The Controller's durable state: job records (JSON documents) and started workers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owner_wait_s: float = OWNER_WAIT_S) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One Controller per state: two servers on one queue (queue.shared) must not take each
+        # other's jobs for their own (each would finalize them). A restarted Controller waits
+        # for its previous process to let go.
+        try:
+            self._owner = hold_owner_lock(path, wait_s=owner_wait_s)
+        except DatabaseOwned:
+            raise QueueError(
+                f"the server state in {path.parent} is in use by another running server: give"
+                " each server its own api.state_dir"
+            ) from None
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -141,6 +152,7 @@ class Controller:
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {r["id"]: r for r in self._registry.load()}
         self._trackers: dict[str, Tracker] = {}
+        self._foreign: dict[str, dict[str, Any] | None] = {}  # configs of others' jobs
         self._progress: dict[str, dict[str, Any]] = {}
         self._history = History()
         self._fleet = Fleet(self._queue, self._registry)
@@ -743,14 +755,36 @@ class Controller:
         configs: dict[str, Config] = {}
         with self._lock:
             recs = [r for r in self._jobs.values() if r["id"] in stats]
+            known = set(self._jobs)
         busy = [r for r in recs if stats[r["id"]]["pending"] + stats[r["id"]]["leased"]]
-        for rec in busy:
-            for pool in stats[rec["id"]].get("pools", {}):
+        job_configs = [(rec["id"], rec["config"]) for rec in busy]
+        # On a shared queue, jobs another cluster's server took: this cluster helps drain them
+        # (their own server tracks, finalizes and answers for them).
+        for job_id, st in stats.items():
+            if job_id not in known and st["state"] == "active" and st["pending"] + st["leased"]:
+                config = self._foreign_config(job_id)
+                if config is not None:
+                    job_configs.append((job_id, config))
+        for job_id, config in job_configs:
+            for pool in stats[job_id].get("pools", {}):
                 if pool not in configs:
-                    pools = Config.model_validate(rec["config"]).pools()
+                    pools = Config.model_validate(config).pools()
                     if pool in pools:
                         configs[pool] = pools[pool]
         self._fleet.size(stats, configs, job_deadlines(busy), now, time.time())
+
+    def _foreign_config(self, job_id: str) -> dict[str, Any] | None:
+        """The config of a job in the queue that this Controller did not create: stored with
+        the job on a shared queue (``queue.shared``); None where there is none to run it by."""
+        if job_id not in self._foreign:
+            spec = ray.get(self._queue.job_spec.remote(job_id), timeout=60)
+            config = spec.settings.get("config")
+            self._foreign[job_id] = config
+            if config is not None:
+                logger.info(
+                    "job %s: another server's, on the shared queue; helping drain it", job_id
+                )
+        return self._foreign[job_id]
 
     def _release_lost_workers(self) -> None:
         """Workers of a previous incarnation die with it: make sure they are gone (one may

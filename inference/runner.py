@@ -189,6 +189,9 @@ def job_spec(config: Config, job_id: str, output_root: str) -> JobSpec:
             "cost_per_gpu_hour": config.scaling.cost_per_gpu_hour,
             **({"models": model_prices(config)} if config.engines else {}),
             **({"token_prices": token_prices} if token_prices else {}),
+            # On a shared queue, the other clusters' Controllers run workers for the job too:
+            # they find how in the queue (its secrets left out).
+            **({"config": config.stored()} if config.queue.shared else {}),
         },
     )
 

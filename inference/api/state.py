@@ -65,7 +65,7 @@ def _unavailable(message: str) -> ApiError:
 def job_config(config: Config) -> dict[str, Any]:
     """A job's config as the Controller records it and ships it to workers: the server's API
     secrets (its tokens) left out."""
-    return config.model_copy(update={"api": config.api.redacted()}).model_dump(mode="json")
+    return config.stored()
 
 
 @dataclass

@@ -5,7 +5,9 @@
   job and completes it;
 - the server is restarted (immediate mode: a crash, the WAL replayed) twice under load (case
   11's variant: the queue's store goes away under load): connections drop, the queue reconnects,
-  nothing accepted is lost and no commit is acknowledged that did not commit.
+  nothing accepted is lost and no commit is acknowledged that did not commit;
+- two servers (two ``inference serve`` processes, two embedded clusters) on one shared queue
+  drain one job together, one of them lost half-way.
 
 Each ends in the checker of ``/work/shared/FAULTS.md``: lost = duplicated = unexpected =
 partial = 0.
@@ -13,8 +15,11 @@ partial = 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -117,15 +122,6 @@ def test_postgresql_restarted_twice_under_load_loses_and_doubles_nothing(
     run.check(tmp_path / "out" / "pg-restart", url, "pg-restart", 1500)
 
 
-def _shared_config(folder: Path, url: str) -> Path:
-    """A config of ``folder`` for one of two clusters sharing the queue: one worker each."""
-    path = config_file(folder, url=url, shared=True, lease_s=4)
-    config = json.loads(path.read_text())
-    config["scaling"]["max_workers"] = 1
-    path.write_text(json.dumps(config))
-    return path
-
-
 def _writers_of_committed_shards(url: str, job_id: str) -> set[str]:
     """The WorkQueue tags of the workers whose shards committed (one per cluster); none
     before the queue's tables exist."""
@@ -139,38 +135,84 @@ def _writers_of_committed_shards(url: str, job_id: str) -> set[str]:
     return {worker.rpartition("@")[2] for (worker,) in rows}
 
 
-@pytest.mark.parametrize("lose_one", [True], ids=["one-lost"])  # False: both to the end
-def test_two_clusters_drain_one_job_from_one_queue_exactly_once(
-    tmp_path: Path, ray_tmp: str, pg_server: Any, lose_one: bool
-) -> None:
-    """Two ``inference run`` processes, each with its own embedded Ray cluster, on the same
-    job, input, output and PostgreSQL queue (``queue.shared``). Both take part; with
-    ``one-lost`` the first cluster is killed -9 once both have committed shards, and the other
-    finishes the job, the lost one's leases and declared shards included."""
-    from tests.faults.harness import assert_exactly_once
+def _server_config(folder: Path, out: Path, url: str) -> Path:
+    """``inference serve``'s config for one of two servers on one shared queue and one output:
+    its own state (registry, files), one worker."""
+    folder.mkdir()
+    path = folder / "serve.yaml"
+    config = {
+        "engine": {"kind": "transformers", "model": "tiny-llama", "device": "cpu"},
+        "queue": {"url": url, "shared": True, "lease_s": 4, "max_attempts": 20},
+        "output": {"path": str(out), "rows_per_shard": 50, "max_shard_age_s": 1},
+        "scaling": {"max_workers": 1, "cpus_per_worker": 1},
+        "api": {"state_dir": str(folder / "state")},
+    }
+    path.write_text(json.dumps(config))
+    return path
 
-    url = pg_server.database()
-    # Long enough that the cluster up second still finds work when its worker is ready.
-    path = write_items(tmp_path / "in.jsonl", 3000, 31 + lose_one, max_tokens=(8, 16))
-    args = [str(path), "--config", str(_shared_config(tmp_path, url)), "--job-id", "two"]
-    other_tmp = tempfile.mkdtemp(prefix="ic-", dir="/tmp")
-    try:
-        first = inference_run(args, run_env(ray_tmp))
-        second = inference_run(args, run_env(other_tmp))
-        if lose_one:
-            # Killed while both clusters are at work, each with shards committed.
-            deadline = time.monotonic() + 240
-            while len(_writers_of_committed_shards(url, "two")) < 2:
-                assert first.poll() is None and second.poll() is None
-                assert time.monotonic() < deadline, "the clusters did not both take part"
-                time.sleep(0.2)
-            kill_cluster(ray_tmp, first)
-        else:
-            finish(first)
-        finish(second)
-        writers = _writers_of_committed_shards(url, "two")
-    finally:
-        kill_processes_of(other_tmp)
-        shutil.rmtree(other_tmp, ignore_errors=True)
-    assert len(writers) == 2, writers  # both clusters committed shards
-    assert_exactly_once(tmp_path / "out" / "two", url, "two", 3000)
+
+@pytest.mark.timeout(420)
+def test_two_servers_drain_one_job_from_one_queue_exactly_once(
+    tmp_path: Path, pg_server: Any
+) -> None:
+    """Two ``inference serve`` processes, each with its own embedded Ray cluster and state, on
+    one PostgreSQL queue (``queue.shared``) and one output. A job submitted to the first is
+    drained by both: the second finds it in the queue and runs a worker for it. Once both have
+    committed shards the second is killed -9 with its cluster, and the first finishes the job,
+    the lost one's leases and declared shards included: exactly once."""
+    import httpx
+
+    from tests.faults.harness import assert_exactly_once, chat_line
+    from tests.integration.test_api_serve import TOKEN, _free_port, serve
+
+    url, out, n = pg_server.database(), tmp_path / "out", 1500
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    ports = [_free_port(), _free_port()]
+    configs = [_server_config(tmp_path / name, out, url) for name in ("a", "b")]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with serve(configs[0], ports[0], logs[0]), serve(configs[1], ports[1], logs[1]) as second:
+        first_url = f"http://127.0.0.1:{ports[0]}"
+        reply = httpx.post(f"{first_url}/v1/jobs", json={"job_id": "two"}, headers=headers)
+        assert reply.is_success, reply.text
+        items = []
+        for i in range(n):
+            line = chat_line(f"item-{i:05d}", "alpha beta gamma delta", 8 + i % 9)
+            items.append({k: line[k] for k in ("custom_id", "url", "body")})
+        for start in range(0, n, 500):
+            reply = httpx.post(
+                f"{first_url}/v1/jobs/two/items",
+                json={"items": items[start : start + 500]},
+                headers=headers,
+                timeout=60,
+            )
+            assert reply.json()["accepted"] == 500, reply.text
+        deadline = time.monotonic() + 240
+        while len(writers := _writers_of_committed_shards(url, "two")) < 2:
+            job = httpx.get(f"{first_url}/v1/jobs/two", headers=headers).json()
+            assert job["status"] != "completed", f"the second server never took part: {writers}"
+            assert time.monotonic() < deadline, logs[1].read_text()[-3000:]
+            time.sleep(0.2)
+        # The second server's job list is its own: it helped, the first answers for the job.
+        second_url = f"http://127.0.0.1:{ports[1]}"
+        assert httpx.get(f"{second_url}/v1/jobs/two", headers=headers).status_code == 404
+        second.send_signal(signal.SIGKILL)  # serve() kills the rest of its session at exit
+        second.wait()
+        kill_session(second.pid)
+        while (job := httpx.get(f"{first_url}/v1/jobs/two", headers=headers).json())[
+            "status"
+        ] != "completed":
+            assert job["status"] in ("queued", "running", "finalizing"), job
+            assert time.monotonic() < deadline + 120, logs[0].read_text()[-3000:]
+            time.sleep(0.5)
+        assert job["request_counts"]["completed"] == n
+    assert len(_writers_of_committed_shards(url, "two")) == 2
+    assert_exactly_once(out / "two", url, "two", n)
+
+
+def kill_session(sid: int) -> None:
+    """kill -9 of every process of a session (a server and its embedded Ray cluster)."""
+    from tests.integration.test_api_serve import _session_pids
+
+    for pid in _session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
