@@ -299,7 +299,27 @@ def kill_cluster(ray_tmp: str, leader: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(leader.pid, signal.SIGKILL)
     kill_processes_of(ray_tmp)
+    # Ray's workers may sit in process groups of their own and name no folder: every process
+    # of the driver's session goes too, or a surviving worker finishes the "lost" job.
+    for _ in range(3):
+        for pid in session_pids(leader.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     leader.wait(30)
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
+                pids.append(int(entry.name))
+    return pids
 
 
 def kill_processes_of(folder: str) -> None:
