@@ -30,6 +30,7 @@ import pytest
 from inference.config import Config, load_config
 from tests.checker import Verdict, check
 from tests.conftest import REPO
+from tests.support.vllm_server import session_pids
 
 INFERENCE = str(Path(sys.executable).with_name("inference"))
 POOL_PREFIX = "tiny-llama-"
@@ -301,25 +302,16 @@ def kill_cluster(ray_tmp: str, leader: subprocess.Popen[str]) -> None:
     kill_processes_of(ray_tmp)
     # Ray's workers may sit in process groups of their own and name no folder: every process
     # of the driver's session goes too, or a surviving worker finishes the "lost" job.
-    for _ in range(3):
-        for pid in session_pids(leader.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    kill_session(leader.pid)
     leader.wait(30)
 
 
-def session_pids(sid: int) -> list[int]:
-    """The processes of session ``sid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
-                pids.append(int(entry.name))
-    return pids
+def kill_session(sid: int) -> None:
+    """kill -9 of every process of session ``sid`` (a driver or server and its Ray cluster)."""
+    for _ in range(3):  # what was starting while the first pass ran
+        for pid in session_pids(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def kill_processes_of(folder: str) -> None:

@@ -15,9 +15,7 @@ partial = 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -162,7 +160,7 @@ def test_two_servers_drain_one_job_from_one_queue_exactly_once(
     the lost one's leases and declared shards included: exactly once."""
     import httpx
 
-    from tests.faults.harness import assert_exactly_once, chat_line
+    from tests.faults.harness import assert_exactly_once, chat_line, kill_session
     from tests.integration.test_api_serve import TOKEN, _free_port, serve
 
     url, out, n = pg_server.database(), tmp_path / "out", 1500
@@ -207,12 +205,3 @@ def test_two_servers_drain_one_job_from_one_queue_exactly_once(
         assert job["request_counts"]["completed"] == n
     assert len(_writers_of_committed_shards(url, "two")) == 2
     assert_exactly_once(out / "two", url, "two", n)
-
-
-def kill_session(sid: int) -> None:
-    """kill -9 of every process of a session (a server and its embedded Ray cluster)."""
-    from tests.integration.test_api_serve import _session_pids
-
-    for pid in _session_pids(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)

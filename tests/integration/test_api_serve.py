@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.support.vllm_server import session_pids as _session_pids
 
 INFERENCE = str(Path(sys.executable).with_name("inference"))
 TOKEN = "serve-token-0123456789abcdef"
@@ -30,22 +31,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of one session: the server and every Ray process its embedded cluster started
-    (a SIGKILLed driver leaves some of them behind)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid:
-                pids.append(int(entry.name))
-    return pids
 
 
 @contextmanager
