@@ -92,6 +92,7 @@ class Lease:
 
 
 Lane = tuple[str, str]  # (job_id, pool): a job's items for one engine pool
+Head = tuple[str, str, int]  # (job_id, pool, priority): where a lease starts reading
 Held = tuple[int, Lease]  # (item rowid, its lease)
 Move = tuple[int, Lease, int]  # (item rowid, its lease, the state it moved to)
 
@@ -104,12 +105,19 @@ class Mirror:
         # {priority: {(job_id, pool): leasable}}, no zeros
         self.ready: dict[int, dict[Lane, int]] = {}
         self.leases: dict[int, Lease] = {}
+        # {(job_id, pool, priority): id}: every pending item of that lane and priority has an
+        # id at least this. A lease reads from there (the ids below it are the lane's leased,
+        # done or dead items, and on PostgreSQL the dead index entries their updates left), and
+        # moves it past what it took; an item that comes back to pending moves it back.
+        # A lane without an entry is read from its first id.
+        self.heads: dict[Head, int] = {}
 
     def load(self, db: Any) -> None:
         """Rebuild everything from the database (one pass over the items)."""
         self.jobs.clear()
         self.ready.clear()
         self.leases.clear()
+        self.heads.clear()
         for row in db.execute(
             "SELECT job_id, pool, priority, state, spec, not_before, created_at, prompt_tokens,"
             " completion_tokens, busy_s, next_shard FROM jobs"
@@ -174,13 +182,22 @@ class Mirror:
         pool: str,
     ) -> None:
         """Move ``n`` items (``tokens`` in all) of one job, pool and priority between states.
-        ``old`` None: new items."""
+        ``old`` None: new items (their ids above every other's: a lane's head stays)."""
         job.shift(old, new, priority, n, tokens)
         job.pool(pool).shift(old, new, priority, n, tokens)
         if old == PENDING:
             self._add_ready((job.spec.job_id, pool), priority, -n)
         if new == PENDING:
             self._add_ready((job.spec.job_id, pool), priority, n)
+            if old is not None:  # back to pending, ids unknown here
+                self.heads.pop((job.spec.job_id, pool, priority), None)
+
+    def head(self, job_id: str, pool: str, priority: int) -> int:
+        return self.heads.get((job_id, pool, priority), 0)
+
+    def advance(self, job_id: str, pool: str, priority: int, taken: int) -> None:
+        """A lease took the lane's pending items up to id ``taken``: it was the first of them."""
+        self.heads[(job_id, pool, priority)] = taken + 1
 
     def repool(
         self, job: Job, source: str, target: str, priority: int, n: int, tokens: int
@@ -192,6 +209,7 @@ class Mirror:
             tally.pending_by_priority[priority] += sign * n
         self._add_ready((job.spec.job_id, source), priority, -n)
         self._add_ready((job.spec.job_id, target), priority, n)
+        self.heads.pop((job.spec.job_id, target, priority), None)
 
     def _add_ready(self, lane: Lane, priority: int, n: int) -> None:
         lanes = self.ready.setdefault(priority, {})
@@ -218,14 +236,20 @@ class Mirror:
     def settle(self, moves: list[Move], cause: str | None) -> None:
         """Moves out of ``leased``: drop the leases, count the moves and the attempts they
         cost (by cause; ``None`` or ``drained``: none)."""
-        for item_id, _, _ in moves:
+        back: dict[Head, int] = {}  # the lowest id each lane gets back
+        for item_id, held, new in moves:
             del self.leases[item_id]
+            if new == PENDING:
+                key = (held.job_id, held.pool, held.priority)
+                back[key] = min(item_id, back.get(key, item_id))
+        heads = {key: min(self.heads[key], low) for key, low in back.items() if key in self.heads}
         for new in {m[2] for m in moves}:
             self.tally(
                 ((h.job_id, h.priority, h.tokens, h.pool) for _, h, s in moves if s == new),
                 LEASED,
                 new,
             )
+        self.heads.update(heads)
         if cause in CAUSES:
             for _, held, _ in moves:
                 self.jobs[held.job_id].attempts_by_cause[cause] += 1

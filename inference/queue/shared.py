@@ -172,7 +172,7 @@ class SharedQueueStore(QueueStore):
     def _pick(self, plan: list[tuple[str, str, int, int]]) -> list[list[Any]]:
         """Rows no other writer holds; fewer than planned is no divergence here."""
         sql = _PICK_SQL + " FOR UPDATE SKIP LOCKED"
-        return [self._db.execute(sql, entry).fetchall() for entry in plan]
+        return [self._db.execute(sql, self._pick_params(entry)).fetchall() for entry in plan]
 
     def _take(
         self,

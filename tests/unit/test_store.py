@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray.cloudpickle
@@ -102,6 +103,42 @@ def test_each_lease_of_an_item_gets_a_higher_epoch(store: QueueStore, clock: Clo
     assert second.token[0] == first.token[0]
     assert second.token[1] > first.token[1]
     assert second.attempts == 1  # the expiry counted as an attempt
+
+
+def test_items_back_in_pending_are_leased_first_from_any_path(
+    store: QueueStore, clock: Clock, wall: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease reads a lane from its head (the lowest id it may still hold pending: the mirror
+    moves it past each lease); every way back to pending (release, expiry, a retry's backoff
+    ending, redrive, a move between pools) must move it back, or the next lease would come up
+    short of what the counters promise and the store would reload its whole mirror."""
+    store.enqueue("job", items(*(f"i{k}" for k in range(12))))
+    caplog.set_level("ERROR", logger="inference.queue.store")
+
+    def lease(n: int, **kwargs: Any) -> list[LeasedItem]:
+        return list(store.lease("w", n, lease_s=5, **kwargs))
+
+    first = lease(3)
+    store.complete([x.token for x in first[:2]])
+    store.release([first[2].token])  # drained: i2 back
+    assert [x.item_id for x in lease(2)] == ["i2", "i3"]
+    assert [x.item_id for x in lease(1)] == ["i4"]
+    clock.t += 6  # i2, i3 and i4 expire (and are leased alone from now: suspects)
+    again = [lease(4) for _ in range(3)]
+    assert [[x.item_id for x in got] for got in again] == [["i2"], ["i3"], ["i4"]]
+    store.fail([again[0][0].token], "transient", "busy", "later")  # i2 backs off
+    store.fail([again[1][0].token], "permanent", "bad", "never")  # i3 is a dead letter
+    store.complete([again[2][0].token])
+    assert [x.item_id for x in lease(1)] == ["i5"]
+    wall.t += 60  # i2's backoff ended
+    assert [x.item_id for x in lease(1)] == ["i2"]
+    assert store.redrive("job", ["i3"]) == 1
+    assert [x.item_id for x in lease(1)] == ["i3"]
+    assert store.move_pending("job", "default", "other", 2) == 2  # i10, i11
+    assert store.move_pending("job", "other", "default", 1) == 1  # i11 back, behind i6..i9
+    assert [x.item_id for x in lease(6, pool="default")] == ["i6", "i7", "i8", "i9", "i11"]
+    assert [x.item_id for x in lease(6, pool="other")] == ["i10"]
+    assert not [r for r in caplog.records if "reloading the queue state" in r.getMessage()]
 
 
 def test_stale_token_is_refused_everywhere(store: QueueStore, clock: Clock) -> None:
