@@ -195,6 +195,15 @@ class Mirror:
     def head(self, job_id: str, pool: str, priority: int) -> int:
         return self.heads.get((job_id, pool, priority), 0)
 
+    def pending_lanes(self, job_id: str) -> list[tuple[str, int, int]]:
+        """``(pool, priority, head)`` of each of the job's lanes that holds pending items."""
+        return [
+            (pool, priority, self.head(job_id, pool, priority))
+            for priority, lanes in self.ready.items()
+            for (job, pool) in lanes
+            if job == job_id
+        ]
+
     def advance(self, job_id: str, pool: str, priority: int, taken: int) -> None:
         """A lease took the lane's pending items up to id ``taken``: it was the first of them."""
         self.heads[(job_id, pool, priority)] = taken + 1

@@ -39,13 +39,24 @@ import psycopg
 from psycopg import conninfo, pq
 
 from inference.errors import QueueError, StorageError
-from inference.queue.db import INDEXES, SCHEMA, SCHEMA_VERSION, DatabaseOwned
+from inference.queue.db import INDEXES, SCHEMA, SCHEMA_VERSION, DatabaseOwned, migrate_retries
 from inference.queue.dialect import POSTGRES, postgres_ddl
 
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql://", "postgres://")
 OWNER_LOCK = "hashtextextended('inference.queue:' || current_schema(), 0)"
+SCHEMA_LOCK = "hashtextextended('inference.queue.schema:' || current_schema(), 0)"
+# Every item in the lane index, and half of each page left for the items' next versions: a
+# lease and a completion then change no indexed column and stay on the item's page (HOT
+# updates), where SQLite's partial index of pending items would make each write an entry in
+# every index. Measured here with 100,000 items cycled: 56% of the updates were HOT with
+# fillfactor 70, 94% with 50, and the server's CPU for a lease plus a completion went from 45
+# to 23 us an item (the table takes twice the pages; pruning reuses them).
+LANE_INDEX = """
+CREATE INDEX IF NOT EXISTS items_lane ON items(job_id, pool, priority, id);
+ALTER TABLE items SET (fillfactor = 50);
+"""
 CONNECT_TIMEOUT_S = 10
 
 
@@ -206,14 +217,8 @@ def connect(
                     f" {SCHEMA_VERSION} ({version}): open it once with a command that may write"
                 )
             return db
-        if version is None:
-            db.execute("BEGIN")
-            db.execute("CREATE TABLE IF NOT EXISTS queue_meta(key TEXT PRIMARY KEY, value TEXT)")
-            db.executescript(SCHEMA)
-            db.executescript(INDEXES)
-            set_schema_version(db, SCHEMA_VERSION)
-            db.execute("COMMIT")
-        # Version 4 is PostgreSQL's first: there is nothing older to migrate yet.
+        if version != SCHEMA_VERSION:
+            _create_or_migrate(db)
         if db.server_setting("synchronous_commit") == "off":
             logger.warning(
                 "the queue database %s has synchronous_commit=off: a commit it acknowledged"
@@ -227,6 +232,30 @@ def connect(
         db.close()
         raise
     return db
+
+
+def _create_or_migrate(db: PgConnection) -> None:
+    """The queue's schema created, or migrated to this version, in one transaction that holds
+    a lock of its own: two servers starting on one shared database do it once."""
+    db.execute("BEGIN")
+    try:
+        db.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        version = schema_version(db)  # again, under the lock
+        if version is None:
+            db.execute("CREATE TABLE IF NOT EXISTS queue_meta(key TEXT PRIMARY KEY, value TEXT)")
+            db.executescript(SCHEMA)
+        elif version < 5:  # 4 was PostgreSQL's first: retries and failures indexed by state
+            db.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS retry_at DOUBLE PRECISION")
+            migrate_retries(db)
+            db.execute("DROP INDEX IF EXISTS items_pending_pool")
+        if version != SCHEMA_VERSION:
+            db.executescript(INDEXES + LANE_INDEX)
+            set_schema_version(db, SCHEMA_VERSION)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(psycopg.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 def schema_version(db: PgConnection) -> int | None:

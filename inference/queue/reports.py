@@ -83,7 +83,8 @@ def dead_letters(db: Any, job_id: str, limit: int, after: int) -> list[dict[str,
         for r in db.execute(
             "SELECT id, item_id, error_kind, error_code, error_message, attempts, finished_at,"
             " history, n_error, n_expired, n_lost FROM items"
-            " WHERE job_id = ? AND state = 3 AND id > ? ORDER BY id LIMIT ?",
+            " WHERE job_id = ? AND error_kind IS NOT NULL AND state = 3 AND id > ?"
+            " ORDER BY id LIMIT ?",
             (job_id, after, limit),
         )
     ]
@@ -101,22 +102,25 @@ def dead_reason(kind: str | None, code: str | None) -> str:
 
 
 def oldest_pending_s(
-    db: Any, job_id: str, priorities: Sequence[int], waiting: bool, wall: float
+    db: Any, job_id: str, lanes: Sequence[tuple[str, int, int]], waiting: bool, wall: float
 ) -> float | None:
     """Age of a job's oldest pending item. Ids grow with enqueue time, so it is the lowest id
-    among the head of each priority's pending index and the waiting items: a few index probes,
-    whatever the backlog."""
+    among the first pending item of each lane (``(pool, priority, head)``: read from the lane's
+    head, see ``Mirror.heads``) and the waiting items: a few index probes, whatever the
+    backlog."""
     heads = [
         db.execute(
-            "SELECT MIN(id) FROM items WHERE job_id = ? AND priority = ? AND state = 0",
-            (job_id, priority),
+            "SELECT MIN(id) FROM items WHERE job_id = ? AND pool = ? AND priority = ?"
+            " AND state = 0 AND id >= ?",
+            (job_id, pool, priority, head),
         ).fetchone()[0]
-        for priority in priorities
+        for pool, priority, head in lanes
     ]
     if waiting:
         heads.append(
             db.execute(
-                "SELECT MIN(id) FROM items WHERE job_id = ? AND state = 4", (job_id,)
+                "SELECT MIN(id) FROM items WHERE job_id = ? AND retry_at IS NOT NULL AND state = 4",
+                (job_id,),
             ).fetchone()[0]
         )
     ids = [i for i in heads if i is not None]

@@ -11,7 +11,7 @@ States of an item::
 
     pending ──lease──> leased ──complete──> done
        ^                 │  ──fail (permanent, or attempts spent)──> dead ──redrive──> pending
-       │                 │  ──fail (transient)──> waiting (backoff) ──not_before──> pending
+       │                 │  ──fail (transient)──> waiting (backoff) ──retry_at──> pending
        └─expire/release──┘
 
 ``waiting`` is reported as pending (it is backlog); it is a state of its own only so that a lease
@@ -263,7 +263,8 @@ class QueueStore:
         if earliest is not None and earliest <= wall:
             with self._tx():
                 woken = self._db.execute(
-                    "UPDATE items SET state = 0 WHERE state = 4 AND not_before <= ?"
+                    "UPDATE items SET state = 0, retry_at = NULL"
+                    " WHERE retry_at IS NOT NULL AND retry_at <= ? AND state = 4"
                     " RETURNING job_id, priority, tokens, pool",
                     (wall,),
                 ).fetchall()
@@ -273,7 +274,7 @@ class QueueStore:
 
     def _earliest_retry(self) -> float | None:
         (earliest,) = self._db.execute(
-            "SELECT MIN(not_before) FROM items WHERE state = 4"
+            "SELECT MIN(retry_at) FROM items WHERE retry_at IS NOT NULL"
         ).fetchone()
         return None if earliest is None else float(earliest)
 
@@ -345,9 +346,10 @@ class QueueStore:
                 for old in BACKLOG:
                     moved[old] = self._db.execute(
                         "UPDATE items SET state = 3, error_kind = 'permanent',"
-                        " error_code = ?, error_message = ?,"
+                        " error_code = ?, error_message = ?, retry_at = NULL,"
                         f" finished_at = ? WHERE job_id = ? AND state = {old}"
-                        " RETURNING job_id, priority, tokens, pool",
+                        + (" AND retry_at IS NOT NULL" if old == WAITING else "")
+                        + " RETURNING job_id, priority, tokens, pool",
                         (reason, _END_MESSAGES[reason], now, job_id),
                     ).fetchall()
         job.state = state
@@ -765,7 +767,8 @@ class QueueStore:
         with self._tx():
             self._db.executemany(
                 "UPDATE items SET state = :state, attempts = attempts + 1, n_error = n_error + 1,"
-                " worker = NULL, deadline = NULL, not_before = :retry_at, error_kind = :kind,"
+                " worker = NULL, deadline = NULL, not_before = :retry_at,"
+                " retry_at = CASE WHEN :dead THEN NULL ELSE :retry_at END, error_kind = :kind,"
                 " error_code = :code, error_message = :message,"
                 " finished_at = CASE WHEN :dead THEN :wall END,"
                 " history = "
@@ -976,7 +979,7 @@ class QueueStore:
             " error_code = NULL, error_message = NULL, finished_at = NULL,"
             " history = "
             + self._d.history("'at', CAST(? AS DOUBLE PRECISION), 'cause', 'redrive'")
-            + " WHERE job_id = ? AND state = 3"
+            + " WHERE job_id = ? AND error_kind IS NOT NULL AND state = 3"
         )
         params: tuple[Any, ...] = (self._wall(), job_id)
         if item_ids is not None:
@@ -1040,7 +1043,7 @@ class QueueStore:
             "created_at": job.created_at,
             **figures,
             "oldest_pending_s": reports.oldest_pending_s(
-                self._db, job_id, list(figures["pending_by_priority"]), figures["waiting"] > 0, wall
+                self._db, job_id, self._m.pending_lanes(job_id), figures["waiting"] > 0, wall
             ),
             "lease_expiries": job.attempts_by_cause["lease_expired"],
             "attempts_by_cause": {c: job.attempts_by_cause[c] for c in CAUSES},

@@ -5,6 +5,7 @@ doubles nothing, and the schema version both backends check (``inference queue m
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from inference.cli import app
 from inference.config import parse_config
 from inference.errors import ConfigError, QueueError, StorageError
-from inference.queue.db import DatabaseOwned
+from inference.queue.db import SCHEMA_VERSION, DatabaseOwned
 from inference.queue.pg import translate
 from inference.queue.store import _PICK_SQL, JobSpec, NewItem, QueueStore
 from tests.support.pgserver import PASSWORD
@@ -193,6 +194,89 @@ def test_a_lease_reads_no_done_rows_of_older_jobs(pg_server: Any, plan_cache_mod
         store.close()
 
 
+LEASE_AND_COMPLETE_WRITE = (
+    "state", "epoch", "deadline", "lease_s", "worker", "attempts", "shard", "finished_at"
+)  # fmt: skip
+
+
+def test_no_index_names_a_column_that_a_lease_or_a_completion_writes(pg_server: Any) -> None:
+    """What keeps the two updates of every item HOT on PostgreSQL (they stay on the item's
+    page and touch no index): a column named by any index (its key or its predicate) that an
+    update changes makes PostgreSQL add an entry to every index of the table."""
+    url = pg_server.database()
+    QueueStore(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        indexes = [
+            row[0]
+            for row in conn.execute(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+                " WHERE indrelid = 'items'::regclass"
+            )
+        ]
+        (options,) = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE oid = 'items'::regclass"
+        ).fetchone()
+    assert len(indexes) >= 5, indexes  # the key, (job, custom_id), lanes, failures, retries
+    for definition in indexes:
+        named = set(re.findall(r"\w+", definition.split(" USING ", 1)[1]))
+        assert not named & set(LEASE_AND_COMPLETE_WRITE), definition
+    assert "fillfactor=50" in (options or []), options  # room on the page for new versions
+
+
+def _as_version_4(target: str) -> None:
+    """Turn a queue database of this version into one of version 4: waiting and dead items
+    indexed by state, no ``retry_at``."""
+    statements = [
+        "DROP INDEX items_failed",
+        "DROP INDEX items_retry",
+        "DROP INDEX items_retry_job",
+        "ALTER TABLE items DROP COLUMN retry_at",
+        "CREATE INDEX items_dead ON items(job_id, id) WHERE state = 3",
+        "CREATE INDEX items_waiting ON items(not_before) WHERE state = 4",
+        "CREATE INDEX items_waiting_job ON items(job_id, id) WHERE state = 4",
+    ]
+    if target.startswith("postgresql://"):
+        with psycopg.connect(target, autocommit=True) as conn:
+            for sql in [
+                *statements,
+                "DROP INDEX items_lane",
+                "CREATE INDEX items_pending_pool ON items(job_id, pool, priority, id)"
+                " WHERE state = 0",
+                "UPDATE queue_meta SET value = '4' WHERE key = 'schema_version'",
+            ]:
+                conn.execute(sql)
+    else:
+        raw = sqlite3.connect(target, isolation_level=None)
+        for sql in [*statements, "PRAGMA user_version = 4"]:
+            raw.execute(sql)
+        raw.close()
+
+
+def test_a_version_4_database_keeps_its_retries_and_dead_letters(queue_target: str) -> None:
+    wall = [1_700_000_000.0]
+    store = QueueStore(queue_target, wall=lambda: wall[0])
+    store.create_job(JobSpec("j", max_attempts=3, backoff_base_s=10.0, backoff_max_s=10.0))
+    store.enqueue("j", _items("retry", "dead", "fine"))
+    held = {x.item_id: x.token for x in store.lease("w", 3)}
+    store.fail([held["retry"]], "transient", "busy", "later")
+    store.fail([held["dead"]], "permanent", "bad", "never")
+    store.close()
+    _as_version_4(queue_target)
+    again = QueueStore(queue_target, wall=lambda: wall[0])
+    try:
+        assert again.stats("j")["waiting"] == 1
+        assert [d["custom_id"] for d in again.dead_letters("j")] == ["dead"]
+        assert [x.item_id for x in again.lease("w", 3)] == []  # "fine" is still leased
+        wall[0] += 11  # the backoff (at most 10 s) ended
+        assert [x.item_id for x in again.lease("w", 3)] == ["retry"]
+        assert again.redrive("j") == 1
+        assert [x.item_id for x in again.lease("w", 3)] == ["dead"]
+    finally:
+        again.close()
+    reopened = QueueStore(queue_target)  # migrated once: version 5 opens as it is
+    reopened.close()
+
+
 def test_a_schema_newer_than_this_version_is_refused(queue_target: str) -> None:
     QueueStore(queue_target).close()
     _bump_schema(queue_target, 99)
@@ -207,7 +291,7 @@ def test_queue_migrate_creates_then_finds_nothing_to_do(queue_target: str, tmp_p
     runner = CliRunner()
     first = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
     assert first.exit_code == 0, first.output
-    assert "created the queue schema, version 4" in first.output
+    assert f"created the queue schema, version {SCHEMA_VERSION}" in first.output
     again = runner.invoke(app, ["queue", "migrate", "--config", str(config)])
     assert again.exit_code == 0 and "nothing to do" in again.output
     owner = QueueStore(queue_target, owner_wait_s=0.0)  # a running WorkQueue holds it
