@@ -1001,13 +1001,21 @@ class QueueStore:
         job = self._m.job(job_id)
         if n <= 0 or source == target:
             return 0
+        # A priority at a time, from the lowest, each read from its newest id backwards (on
+        # PostgreSQL the lane index lists done items too: a sort by priority, id DESC would
+        # read every one of the lane's).
+        priorities = sorted(p for p, lanes in self._m.ready.items() if (job_id, source) in lanes)
+        rows: list[Any] = []
         with self._tx():
-            rows = self._db.execute(
-                "UPDATE items SET pool = ? WHERE id IN (SELECT id FROM items WHERE job_id = ?"
-                " AND pool = ? AND state = 0 ORDER BY priority, id DESC LIMIT ?)"
-                " RETURNING priority, tokens",
-                (target, job_id, source, n),
-            ).fetchall()
+            for priority in priorities:
+                if len(rows) >= n:
+                    break
+                rows += self._db.execute(
+                    "UPDATE items SET pool = ? WHERE id IN (SELECT id FROM items WHERE job_id = ?"
+                    " AND pool = ? AND priority = ? AND state = 0 ORDER BY id DESC LIMIT ?)"
+                    " RETURNING priority, tokens",
+                    (target, job_id, source, priority, n - len(rows)),
+                ).fetchall()
         groups: dict[int, list[int]] = {}
         for priority, tokens in rows:
             group = groups.setdefault(priority, [0, 0])

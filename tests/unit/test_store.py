@@ -886,6 +886,19 @@ def _pool_counts(s: QueueStore, job_id: str) -> dict[str, tuple[int, ...]]:
     }
 
 
+def test_pending_items_move_from_the_lowest_priority_newest_first(
+    queue_target: str, clock: Clock, wall: Clock
+) -> None:
+    store = QueueStore(queue_target, clock=clock, wall=wall)
+    store.create_job(JobSpec("late", pool="local"))
+    store.enqueue("late", [NewItem(f"low{k}", "{}", 1, 0) for k in range(3)])
+    store.enqueue("late", [NewItem(f"high{k}", "{}", 1, 5) for k in range(3)])
+    assert store.move_pending("late", "local", "far", 4) == 4
+    moved = store.lease("o", 10, pool="far")
+    assert sorted(x.item_id for x in moved) == ["high2", "low0", "low1", "low2"]
+    assert [x.item_id for x in store.lease("w", 10, pool="local")] == ["high0", "high1"]
+
+
 def test_a_job_of_several_pools_hands_each_pool_only_its_own_items(
     tmp_path: Path, queue_target: str, clock: Clock, wall: Clock
 ) -> None:
