@@ -29,7 +29,7 @@ from inference.shards import JobOutput
 from .http_errors import ApiError, validation_error
 from .items import ItemRejected, check_item, oversized, route
 from .models import ID_PATTERN, URGENT_PRIORITY, EnqueueRequest, EnqueueResponse, JobCreate
-from .state import ServerState, call, job_config
+from .state import ServerState, call
 from .views import job_object, page
 
 router = APIRouter(tags=["jobs"])
@@ -77,7 +77,7 @@ async def create_job(request: Request, body: JobCreate) -> dict[str, Any]:
     rec = await call(
         state.controller.create_job.remote(
             body.job_id,
-            job_config(config),
+            config.stored(),
             state.config.output.path,
             body.metadata,
             body.completion_window,

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from .models import BatchCreate
-from .state import ServerState, call, job_config
+from .state import ServerState, call
 from .views import batch_object, page
 
 router = APIRouter(tags=["batches"])
@@ -29,7 +29,7 @@ async def create_batch(request: Request, body: BatchCreate) -> dict[str, Any]:
             body.endpoint,
             body.completion_window,
             body.metadata,
-            job_config(state.config),
+            state.config.stored(),
             state.config.output.path,
             max_open_jobs=state.config.api.max_open_jobs,
         )

@@ -62,12 +62,6 @@ def _unavailable(message: str) -> ApiError:
     return ApiError(503, message + "; retry shortly", None, "unavailable", {"Retry-After": "2"})
 
 
-def job_config(config: Config) -> dict[str, Any]:
-    """A job's config as the Controller records it and ships it to workers: the server's API
-    secrets (its tokens) left out."""
-    return config.stored()
-
-
 @dataclass
 class ServerState:
     config: Config

@@ -108,8 +108,8 @@ class Mirror:
         # {(job_id, pool, priority): id}: every pending item of that lane and priority has an
         # id at least this. A lease reads from there (the ids below it are the lane's leased,
         # done or dead items, and on PostgreSQL the dead index entries their updates left), and
-        # moves it past what it took; an item that comes back to pending moves it back.
-        # A lane without an entry is read from its first id.
+        # moves it past what it took; an item that comes back to pending moves it back to its
+        # id. A lane without an entry is read from its first id.
         self.heads: dict[Head, int] = {}
 
     def load(self, db: Any) -> None:
@@ -180,17 +180,23 @@ class Mirror:
         n: int,
         tokens: int,
         pool: str,
+        lowest: int = 0,
     ) -> None:
         """Move ``n`` items (``tokens`` in all) of one job, pool and priority between states.
-        ``old`` None: new items (their ids above every other's: a lane's head stays)."""
+        ``old`` None: new items (their ids above every other's: a lane's head stays).
+        ``lowest``: the lowest id of the items, for those back in pending (0: not known)."""
         job.shift(old, new, priority, n, tokens)
         job.pool(pool).shift(old, new, priority, n, tokens)
         if old == PENDING:
             self._add_ready((job.spec.job_id, pool), priority, -n)
         if new == PENDING:
             self._add_ready((job.spec.job_id, pool), priority, n)
-            if old is not None:  # back to pending, ids unknown here
-                self.heads.pop((job.spec.job_id, pool, priority), None)
+            if old is not None:
+                self._lower_head((job.spec.job_id, pool, priority), lowest)
+
+    def _lower_head(self, key: Head, lowest: int) -> None:
+        if key in self.heads:
+            self.heads[key] = min(self.heads[key], lowest)
 
     def head(self, job_id: str, pool: str, priority: int) -> int:
         return self.heads.get((job_id, pool, priority), 0)
@@ -209,16 +215,17 @@ class Mirror:
         self.heads[(job_id, pool, priority)] = taken + 1
 
     def repool(
-        self, job: Job, source: str, target: str, priority: int, n: int, tokens: int
+        self, job: Job, source: str, target: str, priority: int, n: int, tokens: int, lowest: int
     ) -> None:
-        """``n`` pending items (``tokens`` in all) of a job moved from one pool to another."""
+        """``n`` pending items (``tokens`` in all, ``lowest`` the lowest id) of a job moved from
+        one pool to another."""
         for tally, sign in ((job.pool(source), -1), (job.pool(target), 1)):
             tally.counts[PENDING] += sign * n
             tally.pending_tokens += sign * tokens
             tally.pending_by_priority[priority] += sign * n
         self._add_ready((job.spec.job_id, source), priority, -n)
         self._add_ready((job.spec.job_id, target), priority, n)
-        self.heads.pop((job.spec.job_id, target, priority), None)
+        self._lower_head((job.spec.job_id, target, priority), lowest)
 
     def _add_ready(self, lane: Lane, priority: int, n: int) -> None:
         lanes = self.ready.setdefault(priority, {})
@@ -228,37 +235,32 @@ class Mirror:
         else:
             lanes.pop(lane, None)
 
-    def tally(self, moves: Iterable[tuple[str, int, int, str]], old: int, new: int) -> None:
-        """Moves ``(job_id, priority, tokens, pool)`` from ``old`` to ``new``, counted with one
-        update per job, pool and priority."""
+    def tally(self, moves: Iterable[tuple[str, int, int, str, int]], old: int, new: int) -> None:
+        """Moves ``(job_id, priority, tokens, pool, id)`` from ``old`` to ``new``, counted with
+        one update per job, pool and priority."""
         groups: dict[tuple[str, int, str], list[int]] = {}
-        for job_id, priority, tokens, pool in moves:
+        for job_id, priority, tokens, pool, item_id in moves:
             group = groups.get((job_id, priority, pool))
             if group is None:
-                groups[(job_id, priority, pool)] = [1, tokens]
+                groups[(job_id, priority, pool)] = [1, tokens, item_id]
             else:
                 group[0] += 1
                 group[1] += tokens
-        for (job_id, priority, pool), (n, tokens) in groups.items():
-            self.shift(self.jobs[job_id], old, new, priority, n, tokens, pool)
+                group[2] = min(group[2], item_id)
+        for (job_id, priority, pool), (n, tokens, lowest) in groups.items():
+            self.shift(self.jobs[job_id], old, new, priority, n, tokens, pool, lowest)
 
     def settle(self, moves: list[Move], cause: str | None) -> None:
         """Moves out of ``leased``: drop the leases, count the moves and the attempts they
         cost (by cause; ``None`` or ``drained``: none)."""
-        back: dict[Head, int] = {}  # the lowest id each lane gets back
-        for item_id, held, new in moves:
+        for item_id, _, _ in moves:
             del self.leases[item_id]
-            if new == PENDING:
-                key = (held.job_id, held.pool, held.priority)
-                back[key] = min(item_id, back.get(key, item_id))
-        heads = {key: min(self.heads[key], low) for key, low in back.items() if key in self.heads}
         for new in {m[2] for m in moves}:
             self.tally(
-                ((h.job_id, h.priority, h.tokens, h.pool) for _, h, s in moves if s == new),
+                ((h.job_id, h.priority, h.tokens, h.pool, i) for i, h, s in moves if s == new),
                 LEASED,
                 new,
             )
-        self.heads.update(heads)
         if cause in CAUSES:
             for _, held, _ in moves:
                 self.jobs[held.job_id].attempts_by_cause[cause] += 1

@@ -39,7 +39,14 @@ import psycopg
 from psycopg import conninfo, pq
 
 from inference.errors import QueueError, StorageError
-from inference.queue.db import INDEXES, SCHEMA, SCHEMA_VERSION, DatabaseOwned, migrate_retries
+from inference.queue.db import (
+    INDEXES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    DatabaseOwned,
+    Transaction,
+    migrate_retries,
+)
 from inference.queue.dialect import POSTGRES, postgres_ddl
 
 logger = logging.getLogger(__name__)
@@ -237,8 +244,7 @@ def connect(
 def _create_or_migrate(db: PgConnection) -> None:
     """The queue's schema created, or migrated to this version, in one transaction that holds
     a lock of its own: two servers starting on one shared database do it once."""
-    db.execute("BEGIN")
-    try:
+    with Transaction(db):
         db.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
         version = schema_version(db)  # again, under the lock
         if version is None:
@@ -251,11 +257,6 @@ def _create_or_migrate(db: PgConnection) -> None:
         if version != SCHEMA_VERSION:
             db.executescript(INDEXES + LANE_INDEX)
             set_schema_version(db, SCHEMA_VERSION)
-        db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(psycopg.Error):
-            db.execute("ROLLBACK")
-        raise
 
 
 def schema_version(db: PgConnection) -> int | None:

@@ -265,7 +265,7 @@ class QueueStore:
                 woken = self._db.execute(
                     "UPDATE items SET state = 0, retry_at = NULL"
                     " WHERE retry_at IS NOT NULL AND retry_at <= ? AND state = 4"
-                    " RETURNING job_id, priority, tokens, pool",
+                    " RETURNING job_id, priority, tokens, pool, id",
                     (wall,),
                 ).fetchall()
             self._m.tally(woken, WAITING, PENDING)
@@ -339,7 +339,7 @@ class QueueStore:
         if job.state == "cancelled" and state != "cancelled":
             raise QueueError(f"job {job_id!r} is cancelled")
         now = self._wall()
-        moved: dict[int, list[tuple[str, int, int, str]]] = {}
+        moved: dict[int, list[tuple[str, int, int, str, int]]] = {}
         with self._tx():
             self._db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (state, job_id))
             if state == "cancelled":
@@ -349,7 +349,7 @@ class QueueStore:
                         " error_code = ?, error_message = ?, retry_at = NULL,"
                         f" finished_at = ? WHERE job_id = ? AND state = {old}"
                         + (" AND retry_at IS NOT NULL" if old == WAITING else "")
-                        + " RETURNING job_id, priority, tokens, pool",
+                        + " RETURNING job_id, priority, tokens, pool, id",
                         (reason, _END_MESSAGES[reason], now, job_id),
                     ).fetchall()
         job.state = state
@@ -987,7 +987,7 @@ class QueueStore:
             params += (json.dumps(list(item_ids)),)
         with self._tx():
             rows = self._db.execute(
-                query + " RETURNING job_id, priority, tokens, pool", params
+                query + " RETURNING job_id, priority, tokens, pool, id", params
             ).fetchall()
         self._m.tally(rows, DEAD, PENDING)
         logger.info("redrive job=%s items=%d", job_id, len(rows))
@@ -1013,16 +1013,17 @@ class QueueStore:
                 rows += self._db.execute(
                     "UPDATE items SET pool = ? WHERE id IN (SELECT id FROM items WHERE job_id = ?"
                     " AND pool = ? AND priority = ? AND state = 0 ORDER BY id DESC LIMIT ?)"
-                    " RETURNING priority, tokens",
+                    " RETURNING priority, tokens, id",
                     (target, job_id, source, priority, n - len(rows)),
                 ).fetchall()
         groups: dict[int, list[int]] = {}
-        for priority, tokens in rows:
-            group = groups.setdefault(priority, [0, 0])
+        for priority, tokens, item_id in rows:
+            group = groups.setdefault(priority, [0, 0, item_id])
             group[0] += 1
             group[1] += tokens
-        for priority, (count, tokens) in groups.items():
-            self._m.repool(job, source, target, priority, count, tokens)
+            group[2] = min(group[2], item_id)
+        for priority, (count, tokens, lowest) in groups.items():
+            self._m.repool(job, source, target, priority, count, tokens, lowest)
         if rows:
             logger.info("job=%s: %d pending items %s -> %s", job_id, len(rows), source, target)
         return len(rows)
