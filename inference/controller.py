@@ -45,13 +45,14 @@ from inference.api.filestore import FileStore, QuotaExceeded
 from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
 from inference.errors import JobConflict, OutputError, QueueError
-from inference.export import error_jsonl, output_jsonl
+from inference.export import error_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker, job_cost
 from inference.queue.actor import NAMESPACE, OWNER_WAIT_S, get_queue, head_node_id
 from inference.queue.db import DatabaseOwned, hold_owner_lock
+from inference.results import ShardOrder
 from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "Controller"
 TICK_S = 1.0
+SWEEP_S = 30.0  # the janitor's period: expired files are deleted within it
 ACTIVE = ("validating", "queued", "running", "finalizing", "cancelling", "expiring")
 FINAL = ("completed", "failed", "cancelled", "expired")
 _ENDING = {"cancelling": "cancelled", "expiring": "expired"}  # -> the dead letters' code
@@ -162,6 +164,9 @@ class Controller:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._server_counters: dict[str, dict[tuple[str, ...], float]] = {}
+        self._live: dict[str, ShardOrder] = {}  # running batches' output files
+        self._shard_paths: dict[str, dict[int, str]] = {}
+        self._swept_at = 0.0
         self._release_lost_workers()
         freeze_startup_heap()
         self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
@@ -361,6 +366,7 @@ class Controller:
             "status": rec["status"],
             "end_reason": rec["end_reason"],
             "pool": rec["config"]["engine"]["model"],
+            "endpoint": rec.get("endpoint"),  # a batch's; a native job's items say theirs
         }
 
     # ------------------------------------------------------------------ OpenAI batches
@@ -373,11 +379,16 @@ class Controller:
         config: dict[str, Any],
         output_root: str,
         max_open_jobs: int | None = None,
+        output_expires_after_s: int | None = None,
     ) -> dict[str, Any]:
-        """Register a batch (status ``validating``); the loop checks its file and enqueues it."""
+        """Register a batch (status ``validating``); the loop checks its file and enqueues it.
+        Its output and error files expire ``output_expires_after_s`` after the batch's
+        creation (OpenAI's ``output_expires_after``), or are kept until deleted."""
         doc = self._files.get(input_file_id)
         if doc is None:
             raise not_found("file", input_file_id, "input_file_id")
+        if doc["status"] == "expired":
+            raise _expired(input_file_id, "input_file_id")
         if doc["purpose"] != "batch":
             raise ApiError(
                 400,
@@ -406,6 +417,7 @@ class Controller:
             error_file_id=None,
             errors=None,
             model=None,
+            output_expires_after_s=output_expires_after_s,
         )
         with self._lock:
             self._check_open_jobs(max_open_jobs)
@@ -491,6 +503,7 @@ class Controller:
         purpose: str,
         max_files: int | None = None,
         max_bytes: int | None = None,
+        expires_at: int | None = None,
     ) -> dict[str, Any]:
         try:
             _check_upload(filename, purpose)
@@ -504,6 +517,7 @@ class Controller:
                 purpose=purpose,
                 max_files=max_files,
                 max_bytes=max_bytes,
+                expires_at=expires_at,
             )
 
     def abort_upload(self, upload_id: str) -> None:
@@ -518,7 +532,10 @@ class Controller:
     def file(self, file_id: str) -> dict[str, Any]:
         doc = self._files.get(file_id)
         if doc is None:
-            raise not_found("file", file_id)
+            rec = self._live_batch(file_id)
+            if rec is None:
+                raise not_found("file", file_id)
+            return self._live_doc(rec)
         return doc
 
     def files(
@@ -527,8 +544,91 @@ class Controller:
         return self._files.list(purpose, limit, after)
 
     def read_file(self, file_id: str, offset: int, size: int) -> bytes:
-        self.file(file_id)
+        doc = self._files.get(file_id)
+        if doc is None:
+            rec = self._live_batch(file_id)
+            if rec is None:
+                raise not_found("file", file_id)
+            return self._live_order(rec).read(self._order_paths(rec), offset, size)
+        if doc["status"] == "expired":
+            raise _expired(file_id)
         return self._files.read(file_id, offset, size)
+
+    def sweep_files(self, now: float | None = None) -> list[str]:
+        """The janitor: delete the files past their ``expires_at`` (uploads with
+        ``expires_after``, batch outputs with ``output_expires_after``). Runs in the loop every
+        ``SWEEP_S``; returns the ids deleted."""
+        deleted = [f for f in self._files.expired(now) if self._files.delete(f)]
+        if deleted:
+            logger.info("janitor: deleted %d expired file(s): %s", len(deleted), deleted[:10])
+        return deleted
+
+    # ------------------------------------------------------------------ results while running
+    def _live_batch(self, file_id: str) -> dict[str, Any] | None:
+        """The batch whose output file ``file_id`` is, while that file is being written (the
+        batch runs): its content then is every result committed so far."""
+        key = file_id.removeprefix("file-").removesuffix("o")
+        rec = self._jobs.get(f"batch_{key}")
+        if rec is None or rec["kind"] != "batch" or rec.get("output_file_id") != file_id:
+            return None
+        if rec["status"] in FINAL:  # finalized, and its file deleted since
+            return None
+        return rec
+
+    def _live_order(self, rec: dict[str, Any]) -> ShardOrder:
+        with self._lock:
+            order = self._live.get(rec["id"])
+            if order is None:
+                config = Config.model_validate(rec["config"])
+                output = JobOutput(rec["output_root"], rec["id"], config.output.format)
+                order = self._live[rec["id"]] = ShardOrder(output.fs, rec["endpoint"])
+            return order
+
+    def _observe(self, rec: dict[str, Any]) -> None:
+        """Add a batch's newly committed shards to the end of its output file's layout (the
+        order they were first seen committed, kept in the record, so the file's bytes never
+        move under a reader); the batch gets its ``output_file_id`` with its first shard."""
+        shards = ray.get(self._queue.committed_shards.remote(rec["id"]), timeout=60)
+        with self._lock:
+            self._shard_paths[rec["id"]] = {int(s["n"]): str(s["path"]) for s in shards}
+            order = rec.setdefault("shard_order", [])
+            known = set(order)
+            new = sorted(int(s["n"]) for s in shards if int(s["n"]) not in known)
+            if not new:
+                return
+            order.extend(new)
+            if rec.get("output_file_id") is None:
+                rec["output_file_id"] = f"file-{rec['id'].removeprefix('batch_')}o"
+            self._registry.save(rec)
+
+    def _order_paths(self, rec: dict[str, Any]) -> list[str]:
+        with self._lock:
+            paths = self._shard_paths.get(rec["id"], {})
+            order = list(rec.get("shard_order") or ())
+        if any(n not in paths for n in order):  # a restarted Controller: ask the queue
+            self._observe(rec)
+            with self._lock:
+                paths = self._shard_paths[rec["id"]]
+        return [paths[n] for n in order]
+
+    def _live_doc(self, rec: dict[str, Any]) -> dict[str, Any]:
+        size = self._live_order(rec).size(self._order_paths(rec))
+        return {
+            "id": rec["output_file_id"],
+            "object": "file",
+            "bytes": size,
+            "created_at": rec["times"].get("in_progress_at") or rec["created_at"],
+            "filename": f"{rec['id']}_output.jsonl",
+            "purpose": "batch_output",
+            "status": "uploaded",
+            "status_details": "the batch is running: more lines come as its results commit",
+            "expires_at": self._output_expiry(rec),
+        }
+
+    @staticmethod
+    def _output_expiry(rec: dict[str, Any]) -> int | None:
+        seconds = rec.get("output_expires_after_s")
+        return None if seconds is None else int(rec["created_at"]) + int(seconds)
 
     def delete_file(self, file_id: str) -> bool:
         if not self._files.delete(file_id):
@@ -575,6 +675,9 @@ class Controller:
             self._history.add(time.time(), live)
         record_ray_metrics(stats, self._progress, self._jobs)
         self._size_pools(stats, now)
+        if now - self._swept_at >= SWEEP_S:
+            self._swept_at = now
+            self.sweep_files()
 
     def _measure(self, stats: dict[str, dict[str, Any]], now: float) -> None:
         self._backlog = sum(s["pending"] for s in stats.values() if s["state"] == "active")
@@ -605,6 +708,8 @@ class Controller:
                 self._set(rec, "expired", "expired")
             return
         settled = st["pending"] + st["leased"] == 0
+        if rec["kind"] == "batch" and status in ("running", "cancelling", "expiring"):
+            self._observe(rec)
         if status in ("queued", "running", "completed"):
             if expires_at and time.time() >= expires_at and not settled:
                 with self._lock:
@@ -727,17 +832,33 @@ class Controller:
         finalize(self._queue, output, job_id, st)
         output.write_json(output.job_json, _job_summary(rec, st, config, final))
         if rec["kind"] == "batch":
+            # The output file is the lines a reader may have had while the batch ran, in the
+            # same order, then the rest.
+            self._observe(rec)
+            paths = self._order_paths(rec)
             key = job_id.removeprefix("batch_")  # produced files get ids derived from the batch
+            expires_at = self._output_expiry(rec)
             rec["output_file_id"] = self._put_output(
-                f"file-{key}o", f"{job_id}_output.jsonl", output_jsonl(output.base, rec["endpoint"])
+                f"file-{key}o",
+                f"{job_id}_output.jsonl",
+                self._live_order(rec).chunks(paths),
+                expires_at,
             )
             rec["error_file_id"] = self._put_output(
-                f"file-{key}e", f"{job_id}_error.jsonl", error_jsonl(output.base, rec["end_reason"])
+                f"file-{key}e",
+                f"{job_id}_error.jsonl",
+                error_jsonl(output.base, rec["end_reason"]),
+                expires_at,
             )
+            with self._lock:
+                self._live.pop(job_id, None)
+                self._shard_paths.pop(job_id, None)
         rec["finalized_total"] = st["total"]
         self._set(rec, final, final)
 
-    def _put_output(self, file_id: str, filename: str, chunks: Iterator[bytes]) -> str | None:
+    def _put_output(
+        self, file_id: str, filename: str, chunks: Iterator[bytes], expires_at: int | None
+    ) -> str | None:
         first = next(chunks, None)
         if first is None:
             self._files.delete(file_id)
@@ -747,6 +868,7 @@ class Controller:
             filename=filename,
             purpose="batch_output",
             file_id=file_id,
+            expires_at=expires_at,
         )
         return file_id
 
@@ -811,6 +933,10 @@ class Controller:
             released = ray.get(self._queue.release_worker.remote(worker_id, "worker_lost"))
             logger.info("released leases of lost worker=%s items=%d", worker_id, released)
         self._registry.remove_workers(worker_ids)
+
+
+def _expired(file_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"file {file_id} has expired", param, "file_expired")
 
 
 def _check_upload(filename: str, purpose: str | None) -> None:

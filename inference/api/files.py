@@ -13,6 +13,7 @@ import contextlib
 import email.message
 import email.parser
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -229,9 +230,10 @@ async def upload_file(request: Request) -> dict[str, Any]:
             raise ApiError(
                 400, "expires_after[anchor] must be created_at.", "expires_after[anchor]"
             )
+        expires_at = _expires_at(anchor, _text(fields, "expires_after[seconds]"))
         doc = await call(
             state.controller.finish_upload.remote(
-                upload_id, filename, purpose, api.max_files, api.max_file_store_bytes
+                upload_id, filename, purpose, api.max_files, api.max_file_store_bytes, expires_at
             )
         )
         upload_id = None  # stored: nothing to drop
@@ -240,6 +242,33 @@ async def upload_file(request: Request) -> dict[str, Any]:
         if upload_id is not None:
             with contextlib.suppress(Exception):
                 await call(state.controller.abort_upload.remote(upload_id), 10)
+
+
+def _expires_at(anchor: str | None, seconds: str | None) -> int | None:
+    """When an upload expires: ``expires_after[seconds]`` (OpenAI's 3600 to 2592000) after its
+    upload, counted from ``created_at`` (the only anchor); None (kept until deleted) without."""
+    if seconds is None:
+        if anchor is not None:
+            raise ApiError(
+                400,
+                "expires_after[seconds] is required with expires_after[anchor].",
+                "expires_after[seconds]",
+            )
+        return None
+    if anchor is None:
+        raise ApiError(
+            400,
+            "expires_after[anchor] is required with expires_after[seconds].",
+            "expires_after[anchor]",
+        )
+    if not seconds.isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+        raise ApiError(
+            400,
+            "expires_after[seconds] must be an integer from 3600 to 2592000, got "
+            f"{seconds[:40]!r}.",
+            "expires_after[seconds]",
+        )
+    return int(time.time()) + int(seconds)
 
 
 @router.get("/v1/files", summary="List files")
@@ -276,6 +305,8 @@ async def delete_file(request: Request, file_id: FileId) -> dict[str, Any]:
 async def file_content(request: Request, file_id: FileId) -> StreamingResponse:
     state: ServerState = request.app.state.inference
     doc = await call(state.controller.file.remote(file_id))
+    if doc["status"] == "expired":  # listed until the janitor deletes it; its content is gone
+        raise ApiError(404, f"file {file_id} has expired", None, "file_expired")
     size = int(doc["bytes"])
 
     async def chunks() -> AsyncIterator[bytes]:

@@ -228,7 +228,17 @@ class FileStore:
     def get(self, file_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT doc FROM files WHERE file_id = ?", (file_id,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else _shown(json.loads(row[0]))
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """The files past their ``expires_at`` (the janitor deletes them)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT file_id FROM files WHERE json_extract(doc, '$.expires_at') <= ? ORDER BY n",
+                (now,),
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def list(
         self, purpose: str | None = None, limit: int = 100, after: str | None = None
@@ -245,7 +255,7 @@ class FileStore:
         params.append(limit + 1)
         with self._lock:
             rows = self._db.execute(query, params).fetchall()
-        docs = [json.loads(r[0]) for r in rows]
+        docs = [_shown(json.loads(r[0])) for r in rows]
         return docs[:limit], len(docs) > limit
 
     def read(self, file_id: str, offset: int = 0, size: int = 4 << 20) -> bytes:
@@ -263,6 +273,15 @@ class FileStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _shown(doc: dict[str, Any]) -> dict[str, Any]:
+    """A file's metadata as clients see it: ``status`` ``expired`` once past ``expires_at``
+    (its content is refused from then on; the Controller's janitor deletes it soon after)."""
+    expires_at = doc.get("expires_at")
+    if expires_at is not None and expires_at <= time.time():
+        doc["status"] = "expired"
+    return dict(doc)
 
 
 def _fsync_dir(path: Path) -> None:

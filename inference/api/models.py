@@ -59,7 +59,9 @@ class BatchCreate(Strict):
         None, description="Up to 16 pairs; keys up to 64 characters, values up to 512."
     )
     output_expires_after: OutputExpiresAfter | None = Field(
-        None, description="Accepted for compatibility; output files are kept until deleted."
+        None,
+        description="When the output and error files are deleted: seconds after the batch's"
+        " creation (kept until deleted without it).",
     )
 
     _metadata = field_validator("metadata")(_check_metadata)

@@ -32,6 +32,9 @@ async def create_batch(request: Request, body: BatchCreate) -> dict[str, Any]:
             state.config.stored(),
             state.config.output.path,
             max_open_jobs=state.config.api.max_open_jobs,
+            output_expires_after_s=expiry.seconds
+            if (expiry := body.output_expires_after)
+            else None,
         )
     )
     state.accepted_since_snapshot += requests  # the loop enqueues them within a tick

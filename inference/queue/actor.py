@@ -301,6 +301,10 @@ class WorkQueue:
     def committed_shards(self, job_id: str) -> list[dict[str, Any]]:
         return self._store.committed_shards(job_id)
 
+    def shards_from(self, job_id: str, low: int = 0) -> list[dict[str, Any]]:
+        """Committed and in-flight shards numbered ``low`` and up (a results reader's view)."""
+        return self._store.shards_from(job_id, low)
+
     # --------------------------------------------------------------- dead letters, reads
     def dead_letters(self, job_id: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
         return self._store.dead_letters(job_id, limit, after)

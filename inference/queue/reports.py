@@ -164,6 +164,20 @@ def committed_shards(db: Any, job_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def shards_from(db: Any, job_id: str, low: int) -> list[dict[str, Any]]:
+    """A job's shards numbered ``low`` and up that are committed or still being written, in one
+    read (so a shard that commits meanwhile is seen in one state or the other, never in
+    neither): what a reader following the job needs (:mod:`inference.results`)."""
+    return [
+        {"n": n, "state": state, "path": path, "rows": rows}
+        for n, state, path, rows in db.execute(
+            "SELECT n, state, path, rows FROM shards WHERE job_id = ? AND n >= ?"
+            " AND state IN ('committed', 'declared') ORDER BY n",
+            (job_id, low),
+        )
+    ]
+
+
 _SUMMED = ("pending", "waiting", "leased", "done", "dead", "pending_tokens", "lease_expiries")
 
 

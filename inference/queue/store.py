@@ -950,6 +950,10 @@ class QueueStore:
     def committed_shards(self, job_id: str) -> list[dict[str, Any]]:
         return reports.committed_shards(self._db, job_id)
 
+    @_reconnecting
+    def shards_from(self, job_id: str, low: int = 0) -> list[dict[str, Any]]:
+        return reports.shards_from(self._db, job_id, low)
+
     # ----------------------------------------------------------------- dead letters
     @_reconnecting
     def dead_letters(self, job_id: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:

@@ -983,3 +983,19 @@ def test_pending_items_move_between_pools_and_leased_ones_never_do(
     again = QueueStore(queue_target, clock=clock, wall=wall)
     assert _pool_counts(again, "late") == counts  # the database says the same as the mirror
     assert again.stats("late")["total"] == 10
+
+
+def test_shards_from_reads_committed_and_in_flight_shards_together(
+    tmp_path: Path, store: QueueStore
+) -> None:
+    store.create_job(JobSpec("rs"))
+    store.enqueue("rs", [NewItem(f"i{k}", "{}", 1) for k in range(3)])
+    tokens = [held.token for held in store.lease("w", 3)]
+    shards = [
+        store.declare_shard("rs", [t], "w", str(tmp_path / "{n}"), "t{n}")[0] for t in tokens
+    ]
+    store.commit_shard("rs", shards[1], rows=1, nbytes=10)  # out of its numbering
+    store.abort_shard("rs", shards[2])
+    got = [(s["n"], s["state"], s["rows"]) for s in store.shards_from("rs", 0)]
+    assert got == [(shards[0], "declared", None), (shards[1], "committed", 1)]
+    assert [s["n"] for s in store.shards_from("rs", shards[1])] == [shards[1]]
