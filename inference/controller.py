@@ -166,6 +166,7 @@ class Controller:
         self._server_counters: dict[str, dict[tuple[str, ...], float]] = {}
         self._live: dict[str, ShardOrder] = {}  # running batches' output files
         self._shard_paths: dict[str, dict[int, str]] = {}
+        self._observed: dict[str, int] = {}  # batch -> its done count when last observed
         self._swept_at = 0.0
         self._release_lost_workers()
         freeze_startup_heap()
@@ -708,8 +709,13 @@ class Controller:
                 self._set(rec, "expired", "expired")
             return
         settled = st["pending"] + st["leased"] == 0
-        if rec["kind"] == "batch" and status in ("running", "cancelling", "expiring"):
+        if (
+            rec["kind"] == "batch"
+            and status in ("running", "cancelling", "expiring")
+            and self._observed.get(rec["id"]) != st["done"]  # a shard committed since
+        ):
             self._observe(rec)
+            self._observed[rec["id"]] = st["done"]
         if status in ("queued", "running", "completed"):
             if expires_at and time.time() >= expires_at and not settled:
                 with self._lock:
@@ -853,6 +859,7 @@ class Controller:
             with self._lock:
                 self._live.pop(job_id, None)
                 self._shard_paths.pop(job_id, None)
+                self._observed.pop(job_id, None)
         rec["finalized_total"] = st["total"]
         self._set(rec, final, final)
 
