@@ -548,6 +548,54 @@ class InputConfig(_Section):
     )
 
 
+WEBHOOK_EVENTS = (
+    "batch.completed",
+    "batch.failed",
+    "batch.expired",
+    "batch.cancelled",
+    "job.completed",
+    "job.failed",
+    "job.expired",
+    "job.cancelled",
+)
+
+
+class WebhookEndpoint(_Section):
+    """One receiver of signed webhooks (``api.webhooks``): only server config names one, never a
+    request."""
+
+    url: str = Field(description="Where events are POSTed: an http:// or https:// URL.")
+    secret_env: str = Field(
+        description="The environment variable (of the Controller's process, on the head node) "
+        "holding the signing secret: whsec_<base64> as OpenAI gives, or a raw string."
+    )
+    events: list[str] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        description=f"The event types sent here (default all: {', '.join(WEBHOOK_EVENTS)}).",
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> WebhookEndpoint:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"url {self.url!r}: a webhook URL must be http:// or https:// and name a host"
+            )
+        if parts.username or parts.password:
+            raise ValueError(f"url {self.url!r}: no credentials in a webhook URL (it is signed)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.secret_env):
+            raise ValueError(f"secret_env {self.secret_env!r} is not an environment variable name")
+        unknown = [e for e in self.events if e not in WEBHOOK_EVENTS]
+        if unknown or not self.events:
+            raise ValueError(
+                f"events {unknown or self.events!r}: each must be one of "
+                + ", ".join(WEBHOOK_EVENTS)
+            )
+        return self
+
+
 class ApiConfig(_Section):
     host: str = Field(
         "127.0.0.1", description="Address `inference serve` binds; non-loopback needs tokens."
@@ -603,6 +651,25 @@ class ApiConfig(_Section):
         description="Jobs and batches not yet finished at once (creations over it get 429).",
     )
 
+    webhooks: list[WebhookEndpoint] = Field(
+        default_factory=list,
+        description="Receivers of signed job and batch events (see the README's Webhooks).",
+    )
+    webhook_retry_s: float = Field(
+        72 * 3600.0,
+        gt=0,
+        description="How long a delivery is retried (from the event) before it is given up.",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Timeout of one delivery attempt (connect, each read)."
+    )
+    webhook_backoff_s: float = Field(
+        5.0,
+        gt=0,
+        description="Delay before the first retry; doubled each attempt (to an hour at most), "
+        "with jitter.",
+    )
+
     def redacted(self) -> ApiConfig:
         """This section without its secrets (the tokens), for what is stored or shipped."""
         return self.model_copy(update={"tokens": []})
@@ -613,6 +680,9 @@ class ApiConfig(_Section):
             raise ValueError("cors_origins: wildcard origins are refused; list exact origins")
         if any(not token or len(token) < 16 for token in self.tokens):
             raise ValueError("tokens: every token must have at least 16 characters")
+        urls = [endpoint.url for endpoint in self.webhooks]
+        if len(set(urls)) != len(urls):
+            raise ValueError("webhooks: each url may be listed once (give it all its events)")
         return self
 
 

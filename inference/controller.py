@@ -56,6 +56,7 @@ from inference.results import ShardOrder
 from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
+from inference.webhooks import Deliverer, Outbox, WebhookSettings, insert_rows, load_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +108,31 @@ class Registry:
             " started_at REAL NOT NULL);"
         )
         self._lock = threading.Lock()
+        self.outbox = Outbox(self._db, self._lock)  # webhook events due, in this database
 
     def load(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT seq, doc FROM jobs ORDER BY seq").fetchall()
         return [{**json.loads(doc), "seq": seq} for seq, doc in rows]
 
-    def save(self, rec: dict[str, Any]) -> None:
+    def save(self, rec: dict[str, Any], events: list[tuple[Any, ...]] | None = None) -> None:
+        """Write a record, and with it (one transaction) the webhook ``events`` its move
+        makes due (outbox rows)."""
         doc = json.dumps({k: v for k, v in rec.items() if k not in ("seq", "stats")})
         with self._lock:
-            row = self._db.execute(
-                "INSERT INTO jobs(job_id, kind, doc) VALUES (?, ?, ?) ON CONFLICT(job_id)"
-                " DO UPDATE SET doc = excluded.doc RETURNING seq",
-                (rec["id"], rec["kind"], doc),
-            ).fetchone()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "INSERT INTO jobs(job_id, kind, doc) VALUES (?, ?, ?) ON CONFLICT(job_id)"
+                    " DO UPDATE SET doc = excluded.doc RETURNING seq",
+                    (rec["id"], rec["kind"], doc),
+                ).fetchone()
+                if events:
+                    insert_rows(self._db, events)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         rec["seq"] = row[0]
 
     def add_workers(self, pool: str, worker_ids: list[str]) -> None:
@@ -145,11 +157,14 @@ class Controller:
     """Job registry and lifecycle, worker pools, finalization. Runs as a threaded Ray actor:
     API calls on Ray's threads, the control loop on its own thread, one lock over the records."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, webhooks: WebhookSettings | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.state_dir = Path(state_dir)
+        webhooks = webhooks or WebhookSettings()
+        keys = load_secrets(webhooks.endpoints)  # first: a missing secret is the error
         self._queue = get_queue()
         self._registry = Registry(self.state_dir / "controller.sqlite")
+        self._webhooks = Deliverer(self._registry.outbox, webhooks, keys)
         self._files = FileStore(self.state_dir / "files")
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {r["id"]: r for r in self._registry.load()}
@@ -172,6 +187,7 @@ class Controller:
         freeze_startup_heap()
         self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
         self._thread.start()
+        self._webhooks.start()
         logger.info("Controller ready state=%s jobs=%d", self.state_dir, len(self._jobs))
 
     # ------------------------------------------------------------------ liveness
@@ -212,6 +228,7 @@ class Controller:
                 "pools": self._fleet.snapshot(),
                 "pool_errors": dict(self._fleet.errors),
                 "loop_alive": self._thread.is_alive(),
+                "webhooks": self._webhooks.snapshot(),
             }
 
     def throughput(self) -> dict[str, list[float]]:
@@ -224,6 +241,7 @@ class Controller:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._webhooks.stop()
         self._fleet.shutdown()
 
     # ------------------------------------------------------------------ records
@@ -253,10 +271,14 @@ class Controller:
         with self._lock:
             if expect is not None and rec["status"] != expect:
                 return False
+            ends = status in FINAL and rec["status"] != status
             rec["status"] = status
             if stamp:
                 rec["times"][f"{stamp}_at"] = int(time.time())
-            self._registry.save(rec)
+            events = self._webhooks.rows(rec["kind"], rec["id"], status) if ends else None
+            self._registry.save(rec, events)
+        if events:
+            self._webhooks.wake()
             if status in FINAL and (rec["kind"] == "batch" or status != "completed"):
                 self._trackers.pop(rec["id"], None)  # it never moves again
         logger.info("job %s job=%s status=%s", rec["kind"], rec["id"], status)
@@ -1019,9 +1041,10 @@ def _job_summary(rec: dict[str, Any], st: dict[str, Any], config: Config, final:
     }
 
 
-def get_or_create_controller(state_dir: str | Path) -> Any:
+def get_or_create_controller(state_dir: str | Path, webhooks: WebhookSettings | None = None) -> Any:
     """The cluster's Controller actor, created on the head node (where its state lives) when it
-    does not exist yet. The WorkQueue must exist first."""
+    does not exist yet, delivering webhooks by ``webhooks`` (the server config's endpoints; their
+    secrets come from the Controller's environment). The WorkQueue must exist first."""
     head = head_node_id()
     actor_cls = ray.remote(Controller)
     handle: Any = actor_cls.options(
@@ -1034,7 +1057,7 @@ def get_or_create_controller(state_dir: str | Path) -> Any:
         max_concurrency=32,
         num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head, soft=False),
-    ).remote(str(state_dir))
+    ).remote(str(state_dir), webhooks)
     running = ray.get(handle.ping.remote())
     if running != str(state_dir):
         logger.warning(

@@ -85,6 +85,7 @@ def serve(
     from inference.controller import get_or_create_controller
     from inference.queue.actor import get_or_create_queue
     from inference.runner import queue_db_path
+    from inference.webhooks import WebhookSettings
 
     config = server_config(config_path, host, port, workers)
     # The tokens are in the config now: the Ray processes started next inherit none of them.
@@ -95,7 +96,7 @@ def serve(
         config.queue.max_item_bytes,
         config.queue.shared,
     )
-    controller = get_or_create_controller(state_dir(config))
+    controller = get_or_create_controller(state_dir(config), WebhookSettings.from_api(config.api))
     options: dict[str, Any] = {
         "host": config.api.host,
         "port": config.api.port,
