@@ -323,6 +323,7 @@ async def dashboard_state(request: Request) -> dict[str, Any]:
         "workers": obs.workers,
         "pools": obs.snapshot.get("pools", {}),
         "pool_errors": obs.snapshot.get("pool_errors", {}),
+        "webhooks": obs.snapshot.get("webhooks", {}),
         "throughput": await call(state.controller.throughput.remote(), 10),
         "ray_dashboard_url": _ray_dashboard_url(request),
     }

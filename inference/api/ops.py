@@ -57,7 +57,8 @@ async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.inference
     obs = await observe(request)  # the dashboard's figures: progress, cost, workers
     counters = await state.counter_totals()  # of every server process
-    families = _families(obs.stats, obs.snapshot, counters) + job_metrics.families(
+    families = _families(obs.stats, obs.snapshot, counters) + _webhook_families(obs.snapshot)
+    families += job_metrics.families(
         obs.stats, obs.progress(), obs.workers, obs.cost_per_gpu_hour, obs.token_prices
     )
     return Response(job_metrics.render(families), media_type="text/plain; version=0.0.4")
@@ -161,6 +162,29 @@ def _families(
                 for key, n in counters.items()
                 if key[0] == "http"
             ],
+        ),
+    ]
+
+
+def _webhook_families(snapshot: dict[str, Any]) -> list[Family]:
+    """Webhook deliveries by event type and outcome (``delivered``, ``failed``: an attempt that
+    failed, ``given_up``: a delivery abandoned at the retry bound), and events not delivered."""
+    hooks = snapshot.get("webhooks") or {}
+    return [
+        (
+            "inference_webhook_deliveries_total",
+            "counter",
+            "Webhook delivery attempts by event type and outcome since the Controller started.",
+            [
+                ({"type": c["type"], "outcome": c["outcome"]}, float(c["n"]))
+                for c in hooks.get("deliveries", [])
+            ],
+        ),
+        (
+            "inference_webhook_undelivered",
+            "gauge",
+            "Webhook deliveries due (not delivered yet, not given up).",
+            [({}, float(hooks.get("undelivered", 0)))],
         ),
     ]
 

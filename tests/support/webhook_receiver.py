@@ -1,10 +1,11 @@
 """A real webhook receiver on loopback (``http.server`` in a thread): it records every POST it
-gets (headers and body) and answers 500 to its first ``fail_first`` ones, or, with ``hang``,
-holds every request unanswered until it is stopped. It can be stopped and started again on the
-same port (a receiver that was down)."""
+gets (headers and body) and answers 500 to the next ``fail_next`` ones (then 200), or, with
+``hang``, holds every request unanswered until it is stopped (``arrivals`` notes when each
+came). It can be stopped and started again on the same port (a receiver that was down)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -19,10 +20,15 @@ class Received:
     body: bytes
     status: int
 
+    @property
+    def job(self) -> str:
+        return str(json.loads(self.body)["data"]["id"])
+
 
 class Receiver:
-    def __init__(self, fail_first: int = 0, hang: bool = False, port: int | None = None) -> None:
-        self.fail_first = fail_first
+    def __init__(self, fail_next: int = 0, hang: bool = False, port: int | None = None) -> None:
+        self.fail_next = fail_next
+        self.arrivals: list[float] = []  # time.monotonic() of each request's arrival
         self.hang = hang
         self.port = port or free_port()
         self.received: list[Received] = []
@@ -41,11 +47,14 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver._lock:
+                    receiver.arrivals.append(time.monotonic())
                 if receiver.hang:
                     receiver._release.wait(120)
                 with receiver._lock:
-                    failing = len(receiver.received) < receiver.fail_first
-                    status = 500 if failing or receiver.hang else 200
+                    failing = receiver.fail_next > 0 or receiver.hang
+                    receiver.fail_next -= failing and not receiver.hang
+                    status = 500 if failing else 200
                     headers = {k.lower(): v for k, v in self.headers.items()}
                     receiver.received.append(Received(headers, body, status))
                 self.send_response(status)
@@ -79,16 +88,20 @@ class Receiver:
         with self._lock:
             return [r for r in self.received if r.status == 200]
 
-    def wait_for(self, n: int, timeout_s: float = 30, delivered: bool = True) -> list[Received]:
-        """The first ``n`` requests answered 200 (or any, with ``delivered=False``)."""
+    def wait_for(self, n: int = 1, timeout_s: float = 30, job: str | None = None) -> list[Received]:
+        """The requests answered 200 (of ``job``'s events), once there are ``n``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            with self._lock:
-                got = [r for r in self.received if r.status == 200 or not delivered]
+            got = [r for r in self.delivered() if job is None or r.job == job]
             if len(got) >= n:
                 return got
-            assert time.monotonic() < deadline, f"receiver got {len(got)} of {n} requests"
+            assert time.monotonic() < deadline, f"receiver got {len(got)} of {n} deliveries"
             time.sleep(0.05)
+
+    def of(self, job: str) -> list[Received]:
+        """Every request about ``job``, in arrival order."""
+        with self._lock:
+            return [r for r in self.received if r.job == job]
 
 
 def free_port() -> int:

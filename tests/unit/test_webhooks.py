@@ -167,7 +167,7 @@ def _wait(predicate, timeout_s: float = 20) -> None:
 
 def test_failed_deliveries_are_retried_with_the_same_id_until_delivered(tmp_path: Path) -> None:
     outbox = _outbox(tmp_path / "c.sqlite")
-    with Receiver(fail_first=2) as receiver:
+    with Receiver(fail_next=2) as receiver:
         deliverer = _deliverer(outbox, [receiver.url], backoff_s=0.05, retry_s=60)
         deliverer.start()
         try:
@@ -201,7 +201,7 @@ def test_an_endpoint_only_gets_the_events_it_names(tmp_path: Path) -> None:
 
 def test_a_delivery_is_given_up_after_the_retry_time_and_kept(tmp_path: Path) -> None:
     outbox = _outbox(tmp_path / "c.sqlite")
-    with Receiver(fail_first=1000) as receiver:
+    with Receiver(fail_next=1000) as receiver:
         deliverer = _deliverer(outbox, [receiver.url], backoff_s=0.05, retry_s=0.6)
         deliverer.start()
         try:

@@ -189,6 +189,23 @@
       el("td", {}, d.error_code || ""), el("td", { class: "msg" }, d.message),
       el("td", {}, num(d.attempts)))), "#dead-empty");
 
+    const hooks = s.webhooks || {};
+    const failed = (hooks.deliveries || []).filter((c) => c.outcome !== "delivered")
+      .reduce((a, c) => a + c.n, 0);
+    $("#webhooks-summary").textContent = hooks.endpoints
+      ? num(hooks.endpoints) + " endpoint(s) · " + num(hooks.undelivered || 0) + " undelivered · "
+        + num(failed) + " failed attempts or given up since start"
+      : "No endpoints configured (api.webhooks).";
+    fill($("#webhooks tbody"), (hooks.recent || []).map((d) => el("tr",
+      { class: "webhook", "data-state": d.state },
+      el("td", {}, d.type), el("td", {}, d.job_id), el("td", {}, d.url),
+      el("td", {}, el("span", { class: "status " + d.state }, d.state
+        + (d.next_at ? " · retry in " + duration(d.next_at - Date.now() / 1000) : ""))),
+      el("td", {}, num(d.attempts)),
+      el("td", {}, d.at ? new Date(d.at * 1000).toLocaleTimeString() : "–"),
+      el("td", { class: "msg" }, d.error || (d.status ? "HTTP " + d.status : ""))))),
+    "#webhooks-empty");
+
     const link = $("#ray-link");
     if (s.ray_dashboard_url) { link.href = s.ray_dashboard_url; link.hidden = false; }
     drawChart(s.throughput);
