@@ -44,7 +44,7 @@ from inference.api.batch_input import batch_items, check_batch_file
 from inference.api.filestore import FileStore, QuotaExceeded
 from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
-from inference.errors import JobConflict, OutputError, QueueError
+from inference.errors import ConfigError, JobConflict, OutputError, QueueError
 from inference.export import error_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
@@ -1058,7 +1058,13 @@ def get_or_create_controller(state_dir: str | Path, webhooks: WebhookSettings | 
         num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head, soft=False),
     ).remote(str(state_dir), webhooks)
-    running = ray.get(handle.ping.remote())
+    try:
+        running = ray.get(handle.ping.remote())
+    except ray.exceptions.ActorDiedError as exc:  # its __init__ refused the config: say why
+        refused = re.search(r"inference\.errors\.ConfigError: (.+)", str(exc))
+        if refused is None:
+            raise
+        raise ConfigError(refused[1]) from None
     if running != str(state_dir):
         logger.warning(
             "the cluster's Controller keeps its state in %s, not in %s as this config says",

@@ -201,6 +201,7 @@ async def _drive(ws_url: str, base: str, job: str, shot: Path) -> dict[str, Any]
               pools: [...document.querySelectorAll('#pools li.pool')].map(e => e.textContent),
               depth: document.querySelector('#depth').innerText,
               cards: document.querySelector('#cards').innerText,
+              webhooks: document.querySelector('#webhooks-summary').textContent,
               resources: [location.href,
                           ...performance.getEntriesByType('resource').map(e => e.name)],
             })"""
@@ -260,6 +261,7 @@ def test_dashboard_shows_a_live_job_in_a_real_browser(
     assert page["workers"] >= 1
     assert any(p.startswith("pool tiny-llama: fixed, 1 worker") for p in page["pools"]), page
     assert "pending" in page["depth"] and "priority" in page["depth"]
+    assert page["webhooks"] == "No endpoints configured (api.webhooks)."
     # Every request of the page went to this server, nowhere else.
     urls = seen["requested"] + page["resources"]
     assert any(u.endswith("/v1/dashboard/state") for u in urls)

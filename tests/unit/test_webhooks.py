@@ -280,3 +280,12 @@ def test_api_config_defaults_bound_the_retries() -> None:
     api = ApiConfig()
     settings = WebhookSettings.from_api(api)
     assert settings.endpoints == () and settings.retry_s == 72 * 3600 and settings.timeout_s == 10
+
+
+def test_the_controller_refuses_to_start_without_its_secret(tmp_path: Path) -> None:
+    from inference.controller import Controller
+
+    hooks = (WebhookEndpoint(url="https://ok/x", secret_env="INFERENCE_UNSET_HOOK_SECRET"),)
+    with pytest.raises(ConfigError, match="INFERENCE_UNSET_HOOK_SECRET, which is not set"):
+        Controller(str(tmp_path), WebhookSettings(hooks))
+    assert not (tmp_path / "controller.sqlite").exists()  # refused before taking the state

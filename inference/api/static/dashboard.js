@@ -203,7 +203,7 @@
         + (d.next_at ? " · retry in " + duration(d.next_at - Date.now() / 1000) : ""))),
       el("td", {}, num(d.attempts)),
       el("td", {}, d.at ? new Date(d.at * 1000).toLocaleTimeString() : "–"),
-      el("td", { class: "msg" }, d.error || (d.status ? "HTTP " + d.status : ""))))),
+      el("td", { class: "msg" }, d.error || (d.status ? "HTTP " + d.status : "")))),
     "#webhooks-empty");
 
     const link = $("#ray-link");
