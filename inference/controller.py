@@ -198,6 +198,10 @@ class Controller:
         """Run the loop now (new work arrived)."""
         self._wake.set()
 
+    def webhook_urls(self) -> list[str]:
+        """The endpoints this Controller delivers webhooks to (those it was started with)."""
+        return self._webhooks.urls()
+
     def server_counters(
         self, server: str, counters: dict[tuple[str, ...], float]
     ) -> dict[tuple[str, ...], float]:
@@ -1070,6 +1074,15 @@ def get_or_create_controller(state_dir: str | Path, webhooks: WebhookSettings | 
             "the cluster's Controller keeps its state in %s, not in %s as this config says",
             running,
             state_dir,
+        )
+    wanted = [e.url for e in (webhooks or WebhookSettings()).endpoints]
+    serving = ray.get(handle.webhook_urls.remote())
+    if serving != wanted:
+        logger.warning(
+            "the cluster's Controller delivers webhooks to %s, not to %s as this config says "
+            "(it keeps the endpoints it was started with)",
+            serving or "no endpoint",
+            wanted or "no endpoint",
         )
     return handle
 

@@ -319,6 +319,9 @@ class Deliverer:
             if endpoint.thread is not None:
                 endpoint.thread.join(timeout_s)
 
+    def urls(self) -> list[str]:
+        return [e.config.url for e in self._endpoints]
+
     def wake(self) -> None:
         for endpoint in self._endpoints:
             endpoint.wake.set()
