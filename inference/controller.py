@@ -281,10 +281,10 @@ class Controller:
                 rec["times"][f"{stamp}_at"] = int(time.time())
             events = self._webhooks.rows(rec["kind"], rec["id"], status) if ends else None
             self._registry.save(rec, events)
-        if events:
-            self._webhooks.wake()
             if status in FINAL and (rec["kind"] == "batch" or status != "completed"):
                 self._trackers.pop(rec["id"], None)  # it never moves again
+        if events:
+            self._webhooks.wake()
         logger.info("job %s job=%s status=%s", rec["kind"], rec["id"], status)
         return True
 
