@@ -171,6 +171,10 @@ def test_a_cancelled_batch_gives_batch_cancelled(
     client: Any, receiver: Receiver, tmp_path: Path
 ) -> None:
     batch = _batch(client, tmp_path, 100, max_tokens=SLOW)
+    deadline = time.monotonic() + 60
+    while client.batches.retrieve(batch.id).status != "in_progress":  # its lines are queued
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     client.batches.cancel(batch.id)
     batch = wait_batch(client, batch.id)
     assert batch.status == "cancelled"
