@@ -991,9 +991,7 @@ def test_shards_from_reads_committed_and_in_flight_shards_together(
     store.create_job(JobSpec("rs"))
     store.enqueue("rs", [NewItem(f"i{k}", "{}", 1) for k in range(3)])
     tokens = [held.token for held in store.lease("w", 3)]
-    shards = [
-        store.declare_shard("rs", [t], "w", str(tmp_path / "{n}"), "t{n}")[0] for t in tokens
-    ]
+    shards = [store.declare_shard("rs", [t], "w", str(tmp_path / "{n}"), "t{n}")[0] for t in tokens]
     store.commit_shard("rs", shards[1], rows=1, nbytes=10)  # out of its numbering
     store.abort_shard("rs", shards[2])
     got = [(s["n"], s["state"], s["rows"]) for s in store.shards_from("rs", 0)]
