@@ -1,0 +1,455 @@
+"""What a job will take before it starts: tokens, duration, cost, and workers for a deadline.
+
+``inference estimate`` and ``POST /v1/jobs/estimate`` call :func:`estimate`; ``inference run``
+stores its answer in ``job.json`` beside the actual figures. Three steps:
+
+1. **Count** (:class:`TokenCounter`, :func:`count`): each item's prompt tokens with the model's
+   own tokenizer, formatted as the engines format it (a chat through the model's chat template
+   with the generation prompt, a completion or an embedding input as its text with the special
+   tokens); its output budget is ``max_tokens`` x ``n`` (embeddings have none). A remote engine's
+   model has no local tokenizer: its prompts are counted from their characters (the queue's
+   rule). Past ``exact_items`` items of a pool, the rest are not tokenized: their prompt tokens
+   are their characters at the counted items' tokens per character, and the result says so.
+2. **Measure** (:mod:`inference.measurements`): the model's recent finished jobs give the
+   tokens per second of one worker (else the pool's live rate, else
+   ``scaling.assumed_tokens_per_s``), the share of the output budget its answers used, and the
+   fixed time of a run besides the engine work.
+3. **Compute** (:func:`pool_estimate`, pure): engine-seconds = (prompt + expected output
+   tokens) / tokens per second; duration at ``w`` workers = startup + engine-seconds / ``w``;
+   cost as ``job.json`` counts it (engine-seconds at ``cost_per_gpu_hour``, plus a remote
+   provider's token prices), and the cost of holding the pool for the duration; the workers a
+   deadline needs; and the provider's batch price of the tokens where a remote engine with
+   prices is configured (the job's own, or ``scaling.overflow``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from inference.config import Config, EngineConfig
+from inference.errors import InputError, PermanentError
+from inference.inputs import InputProblem, read_input
+from inference.measurements import Measured, MeasurementStore
+from inference.schema import Request, decode_payload
+
+EXACT_ITEMS = 10_000  # items of a pool counted with the tokenizer; the rest are extrapolated
+TOKENIZE_BATCH = 256
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_deadline(text: str, now: float) -> float:
+    """Seconds from ``now`` (Unix time) to a deadline: a duration (``90s``, ``45m``, ``2h``,
+    ``1.5d``) or an ISO 8601 time (UTC when it has no offset). Raises ValueError naming it."""
+    match = _DURATION.match(text)
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError(
+                f"deadline {text!r} is neither a duration (90s, 45m, 2h, 1d) nor an ISO 8601 "
+                "time"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    if seconds <= 0:
+        raise ValueError(f"deadline {text!r} is not in the future")
+    return seconds
+
+
+# ---------------------------------------------------------------------------- counting
+class TokenCounter:
+    """Prompt tokens of requests to one engine: with its model's tokenizer when the model is
+    local, else from characters (``method`` says which)."""
+
+    def __init__(self, engine: EngineConfig) -> None:
+        self.tokenizer: Any = None
+        self.method = "characters"
+        if not engine.remote:
+            from inference.models import resolve_model
+
+            self.tokenizer = load_tokenizer(str(resolve_model(engine.model)))
+            self.method = "tokenizer"
+
+    def count(self, requests: list[Request]) -> list[int]:
+        if self.tokenizer is None:
+            return [len(r.text) // 3 + 8 for r in requests]  # the queue's estimate_tokens
+        chats = [i for i, r in enumerate(requests) if r.task == "chat"]
+        texts = [r.prompt for r in requests]
+        for i in chats:
+            texts[i] = self.tokenizer.apply_chat_template(
+                list(requests[i].messages), tokenize=False, add_generation_prompt=True
+            )
+        out = [0] * len(requests)
+        chat_set = set(chats)
+        plain = [i for i in range(len(requests)) if i not in chat_set]
+        for indices, special in ((chats, False), (plain, True)):
+            if indices:
+                ids = self.tokenizer(
+                    [texts[i] for i in indices], add_special_tokens=special
+                )["input_ids"]
+                for i, one in zip(indices, ids, strict=True):
+                    out[i] = len(one)
+        return out
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str) -> Any:
+    """The model folder's tokenizer, as ``AutoTokenizer`` loads it for the engines. A folder
+    with a ``tokenizer.json`` is loaded as that fast tokenizer directly (the same class and
+    counts, without importing torch: seconds less per estimate); others through
+    ``AutoTokenizer``."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@dataclass
+class Counted:
+    """The counted work of one pool's items."""
+
+    method: str = "tokenizer"  # how the prompts were counted: tokenizer | characters
+    items: int = 0
+    unsupported: int = 0  # valid requests no engine here runs: dead-lettered, no engine time
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0  # sum of max_tokens x n (generations)
+    exact_items: int = 0  # items whose prompts were counted with the tokenizer
+    counted_chars: int = 0
+    rest_chars: int = 0  # characters of the items past exact_items (extrapolated)
+    _batch: list[Request] = field(default_factory=list, repr=False)
+
+    @property
+    def sampled(self) -> bool:
+        return self.exact_items < self.items - self.unsupported
+
+    @property
+    def tokens_per_char(self) -> float:
+        return self.prompt_tokens / self.counted_chars if self.counted_chars else 1 / 3
+
+    def total_prompt_tokens(self) -> int:
+        return self.prompt_tokens + round(self.rest_chars * self.tokens_per_char)
+
+    def note(self) -> str:
+        how = (
+            "the model's tokenizer"
+            if self.method == "tokenizer"
+            else "characters (no local tokenizer: characters / 3 + 8 per item)"
+        )
+        text = f"prompt tokens counted with {how}"
+        if self.sampled:
+            rest = self.items - self.unsupported - self.exact_items
+            text += (
+                f" for the first {self.exact_items} items; the other {rest} extrapolated from "
+                f"their characters at {self.tokens_per_char:.3f} tokens per character"
+            )
+        if self.unsupported:
+            text += f"; {self.unsupported} items no engine here runs (dead letters, no time)"
+        return text
+
+
+def count(
+    requests: Iterable[tuple[str, Request | None]],
+    counters: dict[str, TokenCounter],
+    exact_items: int = EXACT_ITEMS,
+) -> dict[str, Counted]:
+    """The work of ``(pool, request)`` pairs by pool (a None request: a valid one no engine
+    here runs). ``counters`` gives each pool's :class:`TokenCounter`."""
+    out: dict[str, Counted] = {}
+    for pool, request in requests:
+        c = out.get(pool)
+        if c is None:
+            c = out[pool] = Counted(method=counters[pool].method)
+        c.items += 1
+        if request is None:
+            c.unsupported += 1
+            continue
+        c.max_output_tokens += request.max_tokens * request.n if request.task != "embedding" else 0
+        if c.exact_items + len(c._batch) < exact_items:
+            c._batch.append(request)
+            if len(c._batch) >= TOKENIZE_BATCH:
+                _flush(c, counters[pool])
+        else:
+            c.rest_chars += len(request.text)
+    for pool, c in out.items():
+        _flush(c, counters[pool])
+    return out
+
+
+def _flush(c: Counted, counter: TokenCounter) -> None:
+    if not c._batch:
+        return
+    c.prompt_tokens += sum(counter.count(c._batch))
+    c.counted_chars += sum(len(r.text) for r in c._batch)
+    c.exact_items += len(c._batch)
+    c._batch = []
+
+
+# ---------------------------------------------------------------------------- the arithmetic
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    tokens_per_s: float | None  # of one worker
+    source: str  # measured | live | assumed | unknown
+
+
+def throughput(measured: Measured, live_tokens_per_s: float | None, assumed: float) -> Throughput:
+    """Measured by finished jobs, else the pool's live rate, else the config's assumption."""
+    if measured.tokens_per_s:
+        return Throughput(measured.tokens_per_s, "measured")
+    if live_tokens_per_s:
+        return Throughput(live_tokens_per_s, "live")
+    if assumed:
+        return Throughput(assumed, "assumed")
+    return Throughput(None, "unknown")
+
+
+def workers_for(engine_s: float, startup_s: float, deadline_s: float) -> int | None:
+    """Fewest workers that finish ``engine_s`` of work (plus ``startup_s``) within
+    ``deadline_s``; None when the startup alone passes it."""
+    room = deadline_s - startup_s
+    if room <= 0:
+        return None
+    return max(1, math.ceil(engine_s / room - 1e-9))
+
+
+def tokens_cost(prompt: int, output: int, prices: tuple[float, float]) -> float:
+    return (prompt * prices[0] + output * prices[1]) / 1e6
+
+
+def provider_prices(config: Config) -> list[dict[str, Any]]:
+    """Each remote engine with prices that the job may use (its own, or its overflow): its
+    list prices and what its Batch API charges (``batch_discount`` off)."""
+    out = []
+    for one in config.models().values():
+        for role, engine in (("engine", one.engine), ("overflow", one.scaling.overflow)):
+            if engine is None or not engine.remote:
+                continue
+            if not (engine.input_price_per_mtok or engine.output_price_per_mtok):
+                continue
+            out.append(
+                {
+                    "role": role,
+                    "kind": engine.kind,
+                    "model": engine.model,
+                    "input_price_per_mtok": engine.input_price_per_mtok,
+                    "output_price_per_mtok": engine.output_price_per_mtok,
+                    "batch_discount": engine.batch_discount,
+                }
+            )
+    return out
+
+
+def pool_estimate(
+    counted: Counted,
+    measured: Measured,
+    rate: Throughput,
+    config: Config,
+    workers_now: int,
+    workers_max: int,
+    deadline_s: float | None = None,
+    token_prices: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """The estimate of one pool's work (``config``: that pool's one-model config)."""
+    prompt = counted.total_prompt_tokens()
+    ratio = measured.completion_ratio
+    output = round(counted.max_output_tokens * ratio) if ratio is not None else 0
+    if ratio is None:
+        output = counted.max_output_tokens  # the most the items may generate
+    startup_s = measured.startup_s or 0.0
+    engine_s = (prompt + output) / rate.tokens_per_s if rate.tokens_per_s else None
+    provider = tokens_cost(prompt, output, token_prices) if token_prices else 0.0
+    scaling = config.scaling
+
+    def at(workers: int) -> dict[str, Any]:
+        workers = max(1, workers)
+        if engine_s is None:
+            return {"workers": workers, "duration_s": None, "cost": None, "pool_cost": None}
+        duration_s = startup_s + engine_s / workers
+        return {
+            "workers": workers,
+            "duration_s": duration_s,
+            "cost": engine_s / 3600 * scaling.cost_per_gpu_hour + provider,
+            "pool_cost": workers * duration_s / 3600 * scaling.worker_cost_per_hour + provider,
+        }
+
+    out: dict[str, Any] = {
+        "model": config.engine.model,
+        "items": counted.items,
+        "prompt_tokens": prompt,
+        "output_tokens": output,
+        "max_output_tokens": counted.max_output_tokens,
+        "counting": {
+            "method": counted.method,
+            "exact_items": counted.exact_items,
+            "extrapolated": counted.sampled,
+            "note": counted.note(),
+        },
+        "output_ratio": ratio,
+        "output_source": (
+            f"measured ({measured.jobs} jobs)" if ratio is not None else "max_tokens (the most)"
+        ),
+        "tokens_per_s_per_worker": rate.tokens_per_s,
+        "throughput_source": rate.source,
+        "startup_s": startup_s,
+        "engine_s": engine_s,
+        "now": at(workers_now),
+        "max": at(workers_max),
+    }
+    if deadline_s is not None:
+        needed = None if engine_s is None else workers_for(engine_s, startup_s, deadline_s)
+        out["deadline"] = {
+            "deadline_s": deadline_s,
+            "workers_needed": needed,
+            "feasible": needed is not None and needed <= workers_max,
+        }
+    batch = []
+    for p in provider_prices(config):
+        listed = tokens_cost(prompt, output, (p["input_price_per_mtok"], p["output_price_per_mtok"]))
+        batch.append({**p, "cost": listed, "batch_cost": listed * (1 - p["batch_discount"])})
+    if batch:
+        out["provider"] = batch
+    return out
+
+
+def combine(pools: dict[str, dict[str, Any]], deadline_s: float | None) -> dict[str, Any]:
+    """Totals over a job's pools (they run side by side: the longest one is the duration)."""
+    if len(pools) == 1:
+        return dict(next(iter(pools.values())))
+
+    def total(key: str) -> int:
+        return sum(int(p[key]) for p in pools.values())
+
+    def scenario(name: str) -> dict[str, Any]:
+        rows = [p[name] for p in pools.values()]
+        known = all(r["duration_s"] is not None for r in rows)
+        return {
+            "workers": sum(r["workers"] for r in rows),
+            "duration_s": max(r["duration_s"] for r in rows) if known else None,
+            "cost": sum(r["cost"] for r in rows) if known else None,
+            "pool_cost": sum(r["pool_cost"] for r in rows) if known else None,
+        }
+
+    out: dict[str, Any] = {
+        "model": [p["model"] for p in pools.values()],
+        "items": total("items"),
+        "prompt_tokens": total("prompt_tokens"),
+        "output_tokens": total("output_tokens"),
+        "max_output_tokens": total("max_output_tokens"),
+        "now": scenario("now"),
+        "max": scenario("max"),
+        "models": pools,
+    }
+    if deadline_s is not None:
+        needs = [p["deadline"] for p in pools.values()]
+        known = all(d["workers_needed"] is not None for d in needs)
+        out["deadline"] = {
+            "deadline_s": deadline_s,
+            "workers_needed": sum(d["workers_needed"] for d in needs) if known else None,
+            "feasible": all(d["feasible"] for d in needs),
+        }
+    return out
+
+
+def estimate(
+    config: Config,
+    requests: Iterable[tuple[str, Request | None]],
+    store: MeasurementStore,
+    workers_now: dict[str, int],
+    workers_max: dict[str, int],
+    *,
+    deadline_s: float | None = None,
+    live_tokens_per_s: dict[str, float] | None = None,
+    exact_items: int = EXACT_ITEMS,
+) -> dict[str, Any]:
+    """The estimate of a job of ``config`` over ``(pool, request)`` pairs; the pools' worker
+    counts now and at most, by pool name."""
+    pools = config.pools()
+    counters: dict[str, TokenCounter] = {}
+    for name in pools:
+        counters[name] = TokenCounter(pools[name].engine)
+    counted = count(requests, counters, exact_items)
+    if not counted:
+        raise InputError("the input holds no items to estimate")
+    prices = config.token_prices()
+    out: dict[str, dict[str, Any]] = {}
+    for name, c in counted.items():
+        one = pools[name]
+        measured = store.read(name)
+        rate = throughput(
+            measured, (live_tokens_per_s or {}).get(name), one.scaling.assumed_tokens_per_s
+        )
+        key = one.engine.served_name or name
+        out[key] = pool_estimate(
+            c,
+            measured,
+            rate,
+            one,
+            workers_now.get(name, 1),
+            workers_max.get(name, 1),
+            deadline_s,
+            prices.get(name),
+        )
+    result = combine(out, deadline_s)
+    notes = [f"{k}: {p['counting']['note']}" if len(out) > 1 else p["counting"]["note"]
+             for k, p in out.items()]
+    for k, p in out.items():
+        if p["throughput_source"] == "unknown":
+            notes.append(
+                f"{p['model']}: no throughput measured yet and scaling.assumed_tokens_per_s "
+                "is 0: durations are unknown until a job of this model has run"
+            )
+        elif p["throughput_source"] == "assumed":
+            notes.append(f"{p['model']}: throughput assumed (scaling.assumed_tokens_per_s)")
+        if p["output_ratio"] is None and p["max_output_tokens"]:
+            notes.append(
+                f"{p['model']}: no output lengths measured yet: every answer is taken to use "
+                "its max_tokens (an upper bound)"
+            )
+        if not p["startup_s"] and p["throughput_source"] != "unknown":
+            notes.append(f"{p['model']}: no startup time measured yet (taken as 0)")
+    result["notes"] = notes
+    return result
+
+
+# ---------------------------------------------------------------------------- inputs
+def file_requests(path: str | Path, config: Config) -> Iterator[tuple[str, Request | None]]:
+    """The good records of an input file (as ``inference run`` reads it) by pool; check the
+    file first with :func:`inference.runner.check_input` (problems are skipped here)."""
+    default_model = next(iter(config.engines)) if config.engines else config.engine.model
+    for record in read_input(
+        path, config.input, default_model, max_item_bytes=config.queue.max_item_bytes
+    ):
+        if isinstance(record, InputProblem):
+            continue
+        pool = config.pool_of(record.model)
+        if pool is None:
+            continue
+        yield pool, _request(record.payload)
+
+
+def _request(payload: str) -> Request | None:
+    try:
+        return decode_payload(payload)
+    except PermanentError:
+        return None  # valid but unsupported here: a dead letter, no engine time
+
+
+def payload_requests(
+    items: Iterable[tuple[str | None, str]], config: Config
+) -> Iterator[tuple[str, Request | None]]:
+    """``(pool, payload)`` pairs (a None pool: the job's one engine) as estimate input."""
+    for pool, payload in items:
+        yield pool or config.engine.model, _request(payload)

@@ -1,0 +1,165 @@
+"""What finished jobs measured of each model, for the next estimate (:mod:`inference.estimate`).
+
+One small JSON file per model under ``<state dir>/measurements/`` (the Controller's state
+folder: ``api.state_dir``, else the folder of the queue's SQLite file, by default
+``<output>/_queue/``), so ``inference run``, ``inference serve`` and ``inference estimate`` with
+one config read and write the same figures. JSON rather than a table: a few hundred bytes per
+model that a person can read and delete, written whole to a temporary name and renamed
+(atomic), under a lock file, so two jobs finishing at once do not lose each other's figures.
+
+A file keeps the figures of the model's last :data:`RECENT_JOBS` finished jobs, and the
+estimate reads their sums:
+
+- ``tokens_per_s``: prompt plus completion tokens per engine-second of one worker (the queue's
+  ``busy_s``), the unit the scaler sizes pools in;
+- ``completion_ratio``: completion tokens over the ``max_tokens`` x ``n`` the items allowed
+  (known where the job had an estimate, which counted that budget);
+- ``startup_s``: the median time an ``inference run`` job spends besides its workers' share of
+  engine time (validation, loading the model, draining, finalize): wall time minus
+  ``busy_s / workers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.config import Config
+
+logger = logging.getLogger(__name__)
+
+RECENT_JOBS = 20
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def measurements_dir(config: Config) -> Path:
+    """``<state dir>/measurements``: the state dir as :func:`inference.api.server.state_dir`
+    finds it (``api.state_dir``, else beside the queue's SQLite file)."""
+    from inference.runner import local_queue_path
+
+    if config.api.state_dir:
+        base = Path(config.api.state_dir).expanduser().absolute()
+    else:
+        base = Path(local_queue_path(config, config.output.path)).parent
+    return base / "measurements"
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One model's figures, from its recent jobs (None where none measured it)."""
+
+    jobs: int = 0
+    tokens_per_s: float | None = None
+    completion_ratio: float | None = None
+    startup_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class JobMeasure:
+    """What one finished job of one model did."""
+
+    job_id: str
+    tokens: int  # prompt + completion tokens
+    busy_s: float  # engine-seconds of all its workers
+    completion_tokens: int = 0
+    max_output_tokens: int | None = None  # the items' max_tokens x n, where counted
+    wall_s: float | None = None  # an `inference run` job's wall time
+    workers: int | None = None
+
+
+def summarize(jobs: list[dict[str, Any]]) -> Measured:
+    """The figures of a list of :class:`JobMeasure` records (as stored)."""
+    busy = sum(float(j["busy_s"]) for j in jobs)
+    tokens = sum(int(j["tokens"]) for j in jobs)
+    budgeted = [j for j in jobs if j.get("max_output_tokens")]
+    budget = sum(int(j["max_output_tokens"]) for j in budgeted)
+    overheads = [
+        max(0.0, float(j["wall_s"]) - float(j["busy_s"]) / int(j["workers"]))
+        for j in jobs
+        if j.get("wall_s") is not None and j.get("workers")
+    ]
+    return Measured(
+        jobs=len(jobs),
+        tokens_per_s=tokens / busy if busy > 0 and tokens > 0 else None,
+        completion_ratio=(
+            min(1.0, sum(int(j["completion_tokens"]) for j in budgeted) / budget)
+            if budget
+            else None
+        ),
+        startup_s=statistics.median(overheads) if overheads else None,
+    )
+
+
+class MeasurementStore:
+    """The measurements folder: one ``<model>.json`` per model."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, model: str) -> Path:
+        return self.folder / f"{_UNSAFE.sub('_', model)[:120] or 'model'}.json"
+
+    def read(self, model: str) -> Measured:
+        return summarize(self._jobs(model))
+
+    def record(self, model: str, job: JobMeasure) -> Measured:
+        """Add a finished job (replacing an earlier record of the same job id, as a resumed
+        job reports again) and return the model's new figures. A job that did no engine work
+        changes nothing."""
+        if job.busy_s <= 0 or job.tokens <= 0:
+            return self.read(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            jobs = [j for j in self._jobs(model) if j.get("job_id") != job.job_id]
+            jobs = [*jobs, {**_fields(job), "finished_at": time.time()}][-RECENT_JOBS:]
+            measured = summarize(jobs)
+            doc = {"model": model, "measured": measured.as_dict(), "jobs": jobs}
+            target = self.path(model)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, target)
+        logger.info(
+            "measured model=%s job=%s tokens_per_s=%s completion_ratio=%s",
+            model,
+            job.job_id,
+            measured.tokens_per_s,
+            measured.completion_ratio,
+        )
+        return measured
+
+    def _jobs(self, model: str) -> list[dict[str, Any]]:
+        try:
+            doc = json.loads(self.path(model).read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:  # a damaged file: estimates fall back, say so
+            logger.warning("ignoring unreadable measurements %s: %s", self.path(model), exc)
+            return []
+        jobs = doc.get("jobs") if isinstance(doc, dict) else None
+        return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.folder / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fields(job: JobMeasure) -> dict[str, Any]:
+    return {name: getattr(job, name) for name in job.__slots__}
