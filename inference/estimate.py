@@ -25,19 +25,24 @@ stores its answer in ``job.json`` beside the actual figures. Three steps:
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inference.config import Config, EngineConfig
+from inference.config import Config, EngineConfig, ScalingConfig
 from inference.errors import InputError, PermanentError
 from inference.inputs import InputProblem, read_input
-from inference.measurements import Measured, MeasurementStore
+from inference.measurements import JobMeasure, Measured, MeasurementStore, measurements_dir
 from inference.schema import Request, decode_payload
+
+logger = logging.getLogger(__name__)
 
 EXACT_ITEMS = 10_000  # items of a pool counted with the tokenizer; the rest are extrapolated
 TOKENIZE_BATCH = 256
@@ -56,8 +61,7 @@ def parse_deadline(text: str, now: float) -> float:
             when = datetime.fromisoformat(text.strip())
         except ValueError:
             raise ValueError(
-                f"deadline {text!r} is neither a duration (90s, 45m, 2h, 1d) nor an ISO 8601 "
-                "time"
+                f"deadline {text!r} is neither a duration (90s, 45m, 2h, 1d) nor an ISO 8601 time"
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -95,9 +99,9 @@ class TokenCounter:
         plain = [i for i in range(len(requests)) if i not in chat_set]
         for indices, special in ((chats, False), (plain, True)):
             if indices:
-                ids = self.tokenizer(
-                    [texts[i] for i in indices], add_special_tokens=special
-                )["input_ids"]
+                ids = self.tokenizer([texts[i] for i in indices], add_special_tokens=special)[
+                    "input_ids"
+                ]
                 for i, one in zip(indices, ids, strict=True):
                     out[i] = len(one)
         return out
@@ -313,11 +317,15 @@ def pool_estimate(
         out["deadline"] = {
             "deadline_s": deadline_s,
             "workers_needed": needed,
-            "feasible": needed is not None and needed <= workers_max,
+            # None: unknown (no throughput); False: not even at max_workers (or the
+            # startup alone takes longer).
+            "feasible": None if engine_s is None else needed is not None and needed <= workers_max,
         }
     batch = []
     for p in provider_prices(config):
-        listed = tokens_cost(prompt, output, (p["input_price_per_mtok"], p["output_price_per_mtok"]))
+        listed = tokens_cost(
+            prompt, output, (p["input_price_per_mtok"], p["output_price_per_mtok"])
+        )
         batch.append({**p, "cost": listed, "batch_cost": listed * (1 - p["batch_discount"])})
     if batch:
         out["provider"] = batch
@@ -358,7 +366,9 @@ def combine(pools: dict[str, dict[str, Any]], deadline_s: float | None) -> dict[
         out["deadline"] = {
             "deadline_s": deadline_s,
             "workers_needed": sum(d["workers_needed"] for d in needs) if known else None,
-            "feasible": all(d["feasible"] for d in needs),
+            "feasible": all(d["feasible"] for d in needs)
+            if all(d["feasible"] is not None for d in needs)
+            else None,
         }
     return out
 
@@ -403,9 +413,11 @@ def estimate(
             prices.get(name),
         )
     result = combine(out, deadline_s)
-    notes = [f"{k}: {p['counting']['note']}" if len(out) > 1 else p["counting"]["note"]
-             for k, p in out.items()]
-    for k, p in out.items():
+    notes = [
+        f"{k}: {p['counting']['note']}" if len(out) > 1 else p["counting"]["note"]
+        for k, p in out.items()
+    ]
+    for p in out.values():
         if p["throughput_source"] == "unknown":
             notes.append(
                 f"{p['model']}: no throughput measured yet and scaling.assumed_tokens_per_s "
@@ -453,3 +465,246 @@ def payload_requests(
     """``(pool, payload)`` pairs (a None pool: the job's one engine) as estimate input."""
     for pool, payload in items:
         yield pool or config.engine.model, _request(payload)
+
+
+# ---------------------------------------------------------------------------- a job's run
+def pool_sizes(
+    config: Config, slots: Callable[[ScalingConfig], int], workers: int | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Each pool's workers now and at most, as a job would run: ``max_workers`` or the
+    cluster's ``slots`` (shared by the models of a fixed job); a fixed pool starts them all, an
+    autoscaled one at least one. ``workers`` sets the count now (of every pool)."""
+    pools = config.pools()
+    models = len(config.models())
+    now: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for name, one in pools.items():
+        s = one.scaling
+        share = models if s.mode == "fixed" else 1
+        most[name] = max(s.max_workers or slots(s) // share, s.min_workers, 1)
+        now[name] = most[name] if s.mode == "fixed" else max(s.min_workers, 1)
+        if workers is not None:
+            now[name] = workers
+    return now, most
+
+
+def config_deadline_s(config: Config, now: float) -> float | None:
+    """Seconds to ``scaling.deadline`` (None without one, or once it has passed)."""
+    deadline = config.scaling.deadline
+    if deadline is None:
+        return None
+    if deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=UTC)
+    left = deadline.timestamp() - now
+    return left if left > 0 else None
+
+
+def job_report(
+    job_id: str,
+    config: Config,
+    planned: dict[str, Any] | None,
+    before: dict[str, Any],
+    final: dict[str, Any],
+    wall_s: float | None,
+    workers: dict[str, int],
+    cost: float,
+    store: MeasurementStore | None,
+) -> dict[str, Any]:
+    """``job.json``'s ``estimate`` (as made before the job) and ``actual`` (this run's
+    figures: the stats ``final`` minus those ``before`` it, for a resumed job), and each pool's
+    figures recorded in ``store`` for the next estimate. The share of the output budget is
+    recorded only when this run did the whole job (its budget was counted for all items)."""
+    whole = before.get("done", 0) + before.get("dead", 0) == 0
+
+    def delta(st: dict[str, Any], was: dict[str, Any], key: str) -> float:
+        return float(st.get(key, 0)) - float(was.get(key, 0))
+
+    prompt = int(delta(final, before, "prompt_tokens"))
+    completion = int(delta(final, before, "completion_tokens"))
+    busy_s = delta(final, before, "busy_s")
+    n_workers = sum(workers.values())
+    actual: dict[str, Any] = {
+        "items": int(delta(final, before, "done") + delta(final, before, "dead")),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "engine_s": busy_s,
+        "workers": n_workers,
+        "duration_s": wall_s,
+        "cost": cost,
+        "tokens_per_s_per_worker": (prompt + completion) / busy_s if busy_s > 0 else None,
+    }
+    if store is not None:
+        models = planned.get("models") if planned else None
+        for name, st in (final.get("pools") or {}).items():
+            was = (before.get("pools") or {}).get(name, {})
+            tokens = int(delta(st, was, "prompt_tokens") + delta(st, was, "completion_tokens"))
+            one = _planned_pool(planned, models, config, name)
+            try:
+                store.record(
+                    name,
+                    JobMeasure(
+                        job_id,
+                        tokens=tokens,
+                        busy_s=delta(st, was, "busy_s"),
+                        completion_tokens=int(delta(st, was, "completion_tokens")),
+                        max_output_tokens=one.get("max_output_tokens") if whole and one else None,
+                        wall_s=wall_s,
+                        workers=workers.get(name),
+                    ),
+                )
+            except OSError as exc:  # the job is done; only the next estimate is poorer
+                logger.warning("job=%s: cannot record measurements of %s: %s", job_id, name, exc)
+    return {"estimate": planned, "actual": actual}
+
+
+def _planned_pool(
+    planned: dict[str, Any] | None,
+    models: dict[str, Any] | None,
+    config: Config,
+    pool: str,
+) -> dict[str, Any] | None:
+    """The part of an estimate about one pool."""
+    if planned is None:
+        return None
+    if models is None:
+        return planned if planned.get("model") == pool else None
+    for entry in models.values():
+        if entry.get("model") == pool:
+            return dict(entry)
+    return None
+
+
+def run_estimate(
+    path: str | Path, config: Config, workers_now: dict[str, int], workers_max: dict[str, int]
+) -> dict[str, Any] | None:
+    """The estimate ``inference run`` makes before it enqueues (and keeps in ``job.json``);
+    None, logged, when it cannot be made: an estimate never stops a job."""
+    try:
+        return estimate(
+            config,
+            file_requests(path, config),
+            MeasurementStore(measurements_dir(config)),
+            workers_now,
+            workers_max,
+            deadline_s=config_deadline_s(config, time.time()),
+        )
+    except Exception as exc:
+        logger.warning("no estimate of %s: %s", path, exc)
+        return None
+
+
+# ---------------------------------------------------------------------------- the command
+def local_slots(scaling: ScalingConfig) -> int:
+    """Workers of this shape the cluster holds: the one ``RAY_ADDRESS`` names (joined), else
+    this machine, as the embedded cluster ``inference run`` starts would have them."""
+    if os.environ.get("RAY_ADDRESS"):
+        from inference.cluster import cluster_slots, connect
+
+        connect()
+        return cluster_slots(scaling.cpus_per_worker, scaling.gpus_per_worker)
+    if scaling.gpus_per_worker > 0:
+        gpus = len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+        return int(gpus // scaling.gpus_per_worker)
+    if scaling.cpus_per_worker <= 0:
+        return 1
+    return max(1, int((os.cpu_count() or 1) // scaling.cpus_per_worker))
+
+
+def estimate_input(
+    path: str | Path, config: Config, deadline: str | None = None, workers: int | None = None
+) -> dict[str, Any]:
+    """``inference estimate``: the input checked as ``inference run`` checks it (InputError
+    naming the file and lines), then estimated; ``deadline`` as :func:`parse_deadline` takes
+    it (default ``scaling.deadline``). ValueError for a bad deadline."""
+    from inference.runner import check_input
+
+    now = time.time()
+    deadline_s = parse_deadline(deadline, now) if deadline else config_deadline_s(config, now)
+    check_input(Path(path), config)
+    workers_now, workers_max = pool_sizes(config, local_slots, workers)
+    return estimate(
+        config,
+        file_requests(path, config),
+        MeasurementStore(measurements_dir(config)),
+        workers_now,
+        workers_max,
+        deadline_s=deadline_s,
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} ({seconds:,.0f} s)"
+
+
+def _money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
+def estimate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """An estimate as the label and text of each row of a table."""
+    rows = [("items", f"{result['items']:,}"), ("model", str(result["model"]))]
+    pools = result.get("models") or {"": result}
+    for name, p in pools.items():
+        tag = f" ({name})" if name else ""
+        c = p["counting"]
+        how = c["method"] + (f", first {c['exact_items']:,} exact" if c["extrapolated"] else "")
+        rows.append((f"prompt tokens{tag}", f"{p['prompt_tokens']:,} ({how})"))
+        share = (
+            f"{p['output_ratio']:.2f} of max_tokens, {p['output_source']}"
+            if p["output_ratio"] is not None
+            else "max_tokens: no output lengths measured yet"
+        )
+        rows.append(
+            (
+                f"output tokens{tag}",
+                f"{p['output_tokens']:,} of {p['max_output_tokens']:,} ({share})",
+            )
+        )
+        rate = p["tokens_per_s_per_worker"]
+        rows.append(
+            (
+                f"throughput{tag}",
+                "unknown"
+                if rate is None
+                else f"{rate:,.1f} tokens/s per worker "
+                f"({p['throughput_source']}), startup {p['startup_s']:.1f} s",
+            )
+        )
+    for key, label in (("now", "pool now"), ("max", "at max_workers")):
+        at = result[key]
+        rows.append(
+            (
+                label,
+                f"{at['workers']} workers: {_duration(at['duration_s'])}, cost "
+                f"{_money(at['cost'])} (pool held: {_money(at['pool_cost'])})",
+            )
+        )
+    if "deadline" in result:
+        d = result["deadline"]
+        needed = d["workers_needed"]
+        rows.append(
+            (
+                "deadline",
+                f"{_duration(d['deadline_s'])}: "
+                + (
+                    "workers unknown (no throughput)"
+                    if d["feasible"] is None
+                    else "cannot be met (the startup alone is longer)"
+                    if needed is None
+                    else f"{needed} workers" + ("" if d["feasible"] else " (more than max_workers)")
+                ),
+            )
+        )
+    for p in pools.values():
+        for prov in p.get("provider", []):
+            rows.append(
+                (
+                    f"provider ({prov['role']})",
+                    f"{prov['kind']} {prov['model']}: batch {_money(prov['batch_cost'])}, "
+                    f"list {_money(prov['cost'])}",
+                )
+            )
+    return rows

@@ -179,7 +179,7 @@ def test_without_a_measured_output_share_every_answer_uses_its_max_tokens() -> N
 def test_unknown_throughput_leaves_durations_unknown_but_never_made_up() -> None:
     est = pool_estimate(_counted(), Measured(), Throughput(None, "unknown"), _config(), 1, 4, 60.0)
     assert est["now"]["duration_s"] is None and est["max"]["cost"] is None
-    assert est["deadline"] == {"deadline_s": 60.0, "workers_needed": None, "feasible": False}
+    assert est["deadline"] == {"deadline_s": 60.0, "workers_needed": None, "feasible": None}
 
 
 def test_throughput_prefers_measured_then_live_then_assumed() -> None:
@@ -254,13 +254,27 @@ def test_measurements_sum_the_recent_jobs_and_a_job_reported_again_replaces_itse
     assert store.read("tiny-llama") == Measured()
     store.record(
         "tiny-llama",
-        JobMeasure("a", tokens=1000, busy_s=10, completion_tokens=100, max_output_tokens=400,
-                   wall_s=20, workers=2),
+        JobMeasure(
+            "a",
+            tokens=1000,
+            busy_s=10,
+            completion_tokens=100,
+            max_output_tokens=400,
+            wall_s=20,
+            workers=2,
+        ),
     )
     m = store.record(
         "tiny-llama",
-        JobMeasure("b", tokens=3000, busy_s=10, completion_tokens=300, max_output_tokens=400,
-                   wall_s=9, workers=2),
+        JobMeasure(
+            "b",
+            tokens=3000,
+            busy_s=10,
+            completion_tokens=300,
+            max_output_tokens=400,
+            wall_s=9,
+            workers=2,
+        ),
     )
     assert m.jobs == 2
     assert m.tokens_per_s == pytest.approx(4000 / 20)
@@ -301,8 +315,9 @@ def test_estimate_of_an_input_file_uses_the_models_measurements(tmp_path: Path) 
     store = MeasurementStore(tmp_path / "m")
     store.record(
         "tiny-llama",
-        JobMeasure("a", 2000, 20.0, completion_tokens=300, max_output_tokens=600,
-                   wall_s=15, workers=2),
+        JobMeasure(
+            "a", 2000, 20.0, completion_tokens=300, max_output_tokens=600, wall_s=15, workers=2
+        ),
     )
     est = estimate(
         config,
