@@ -509,12 +509,15 @@ def job_report(
     workers: dict[str, int],
     cost: float,
     store: MeasurementStore | None,
+    whole: bool | None = None,
 ) -> dict[str, Any]:
     """``job.json``'s ``estimate`` (as made before the job) and ``actual`` (this run's
     figures: the stats ``final`` minus those ``before`` it, for a resumed job), and each pool's
     figures recorded in ``store`` for the next estimate. The share of the output budget is
-    recorded only when this run did the whole job (its budget was counted for all items)."""
-    whole = before.get("done", 0) + before.get("dead", 0) == 0
+    recorded only when this run did the ``whole`` job (its budget was counted for all items;
+    default: nothing was settled ``before``)."""
+    if whole is None:
+        whole = before.get("done", 0) + before.get("dead", 0) == 0
 
     def delta(st: dict[str, Any], was: dict[str, Any], key: str) -> float:
         return float(st.get(key, 0)) - float(was.get(key, 0))
@@ -708,3 +711,39 @@ def estimate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
     return rows
+
+
+def server_estimate(
+    config: Config,
+    payloads: Iterable[tuple[str | None, str]],
+    state_dir: str | Path,
+    pools: dict[str, dict[str, Any]],
+    *,
+    deadline_s: float | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """An estimate on a serving cluster (Ray connected): ``(pool, payload)`` pairs as the API
+    checked them, the measurements in the Controller's ``state_dir``, and its pools'
+    snapshot (``Controller.snapshot()["pools"]``) for the workers now (at least one: an idle
+    pool starts one for a job) and their live rates."""
+    from inference.cluster import cluster_slots
+
+    live = {n: float(p["tokens_per_s"]) for n, p in pools.items() if p.get("tokens_per_s")}
+    _, workers_max = pool_sizes(
+        config, lambda s: cluster_slots(s.cpus_per_worker, s.gpus_per_worker)
+    )
+    workers_now = {
+        name: workers or max(int((pools.get(name) or {}).get("workers") or 0), 1)
+        for name in workers_max
+    }
+    if deadline_s is None:
+        deadline_s = config_deadline_s(config, time.time())
+    return estimate(
+        config,
+        payload_requests(payloads, config),
+        MeasurementStore(Path(state_dir) / "measurements"),
+        workers_now,
+        workers_max,
+        deadline_s=deadline_s,
+        live_tokens_per_s=live,
+    )
