@@ -303,7 +303,9 @@ def pool_estimate(
         },
         "output_ratio": ratio,
         "output_source": (
-            f"measured ({measured.jobs} jobs)" if ratio is not None else "max_tokens (the most)"
+            f"measured ({measured.jobs} job{'' if measured.jobs == 1 else 's'})"
+            if ratio is not None
+            else "max_tokens (the most)"
         ),
         "tokens_per_s_per_worker": rate.tokens_per_s,
         "throughput_source": rate.source,
@@ -697,7 +699,8 @@ def estimate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                     if d["feasible"] is None
                     else "cannot be met (the startup alone is longer)"
                     if needed is None
-                    else f"{needed} workers" + ("" if d["feasible"] else " (more than max_workers)")
+                    else f"{needed} worker{'' if needed == 1 else 's'}"
+                    + ("" if d["feasible"] else " (more than max_workers)")
                 ),
             )
         )
