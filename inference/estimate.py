@@ -65,7 +65,12 @@ def parse_deadline(text: str, now: float) -> float:
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now
+        try:
+            seconds = when.timestamp() - now
+        except (OverflowError, ValueError):
+            raise ValueError(f"deadline {text!r} is out of range") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"deadline {text!r} is out of range")
     if seconds <= 0:
         raise ValueError(f"deadline {text!r} is not in the future")
     return seconds
@@ -79,6 +84,7 @@ class TokenCounter:
     def __init__(self, engine: EngineConfig) -> None:
         self.tokenizer: Any = None
         self.method = "characters"
+        self.unformatted = 0  # chats the model's chat template refused
         if not engine.remote:
             from inference.models import resolve_model
 
@@ -90,13 +96,18 @@ class TokenCounter:
             return [len(r.text) // 3 + 8 for r in requests]  # the queue's estimate_tokens
         chats = [i for i, r in enumerate(requests) if r.task == "chat"]
         texts = [r.prompt for r in requests]
-        for i in chats:
-            texts[i] = self.tokenizer.apply_chat_template(
-                list(requests[i].messages), tokenize=False, add_generation_prompt=True
-            )
         out = [0] * len(requests)
+        for i in list(chats):
+            try:
+                texts[i] = self.tokenizer.apply_chat_template(
+                    list(requests[i].messages), tokenize=False, add_generation_prompt=True
+                )
+            except Exception:  # the template refuses it (a role it has not): the engine will
+                chats.remove(i)  # dead-letter it; count its characters
+                out[i] = len(requests[i].text) // 3 + 8
+                self.unformatted += 1
         chat_set = set(chats)
-        plain = [i for i in range(len(requests)) if i not in chat_set]
+        plain = [i for i, r in enumerate(requests) if i not in chat_set and r.task != "chat"]
         for indices, special in ((chats, False), (plain, True)):
             if indices:
                 ids = self.tokenizer([texts[i] for i in indices], add_special_tokens=special)[
@@ -132,6 +143,7 @@ class Counted:
     prompt_tokens: int = 0
     max_output_tokens: int = 0  # sum of max_tokens x n (generations)
     exact_items: int = 0  # items whose prompts were counted with the tokenizer
+    unformatted: int = 0  # of those, chats the chat template refused (counted by characters)
     counted_chars: int = 0
     rest_chars: int = 0  # characters of the items past exact_items (extrapolated)
     _batch: list[Request] = field(default_factory=list, repr=False)
@@ -162,6 +174,11 @@ class Counted:
             )
         if self.unsupported:
             text += f"; {self.unsupported} items no engine here runs (dead letters, no time)"
+        if self.unformatted:
+            text += (
+                f"; {self.unformatted} chats the model's chat template refuses (counted by "
+                "characters; the engine will refuse them too)"
+            )
         return text
 
 
@@ -196,7 +213,9 @@ def count(
 def _flush(c: Counted, counter: TokenCounter) -> None:
     if not c._batch:
         return
+    before = counter.unformatted
     c.prompt_tokens += sum(counter.count(c._batch))
+    c.unformatted += counter.unformatted - before
     c.counted_chars += sum(len(r.text) for r in c._batch)
     c.exact_items += len(c._batch)
     c._batch = []

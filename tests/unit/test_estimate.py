@@ -340,3 +340,15 @@ def test_an_input_without_items_cannot_be_estimated(tmp_path: Path) -> None:
     config = _config()
     with pytest.raises(InputError, match="no items"):
         estimate(config, iter(()), MeasurementStore(tmp_path), {}, {})
+
+
+def test_a_chat_the_template_refuses_is_counted_by_characters_and_noted() -> None:
+    from inference.schema import Request
+
+    counter = TokenCounter(_config().engine)
+    odd = Request(task="chat", messages=({"role": "tool", "content": "x" * 30},), max_tokens=5)
+    pairs = [("tiny-llama", odd), ("tiny-llama", _chat("fine"))]
+    counted = count(pairs, {"tiny-llama": counter})["tiny-llama"]
+    assert counted.unformatted == 1
+    assert counted.prompt_tokens == 30 // 3 + 8 + counter.count([_chat("fine")])[0]
+    assert "chat template refuses" in counted.note()
