@@ -677,7 +677,9 @@ def estimate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         how = c["method"] + (f", first {c['exact_items']:,} exact" if c["extrapolated"] else "")
         rows.append((f"prompt tokens{tag}", f"{p['prompt_tokens']:,} ({how})"))
         share = (
-            f"{p['output_ratio']:.2f} of max_tokens, {p['output_source']}"
+            "embeddings generate none"
+            if not p["max_output_tokens"]
+            else f"{p['output_ratio']:.2f} of max_tokens, {p['output_source']}"
             if p["output_ratio"] is not None
             else "max_tokens: no output lengths measured yet"
         )
