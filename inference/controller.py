@@ -45,11 +45,11 @@ from inference.api.filestore import FileStore, QuotaExceeded
 from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
 from inference.errors import JobConflict, OutputError, QueueError
-from inference.estimate import job_report, server_estimate
+from inference.estimate import server_estimate
 from inference.export import error_jsonl, output_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
-from inference.measurements import MeasurementStore
+from inference.measurements import MeasurementStore, job_report
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker, job_cost
 from inference.queue.actor import NAMESPACE, OWNER_WAIT_S, get_queue, head_node_id

@@ -1,15 +1,12 @@
 """What a job will take before it starts: tokens, duration, cost, and workers for a deadline.
 
 ``inference estimate`` and ``POST /v1/jobs/estimate`` call :func:`estimate`; ``inference run``
-stores its answer in ``job.json`` beside the actual figures. Three steps:
+stores its answer in ``job.json`` beside the actual figures
+(:func:`inference.measurements.job_report`). Three steps:
 
-1. **Count** (:class:`TokenCounter`, :func:`count`): each item's prompt tokens with the model's
-   own tokenizer, formatted as the engines format it (a chat through the model's chat template
-   with the generation prompt, a completion or an embedding input as its text with the special
-   tokens); its output budget is ``max_tokens`` x ``n`` (embeddings have none). A remote engine's
-   model has no local tokenizer: its prompts are counted from their characters (the queue's
-   rule). Past ``exact_items`` items of a pool, the rest are not tokenized: their prompt tokens
-   are their characters at the counted items' tokens per character, and the result says so.
+1. **Count** (:mod:`inference.tokens`): prompt tokens with the model's own tokenizer as the
+   engine formats them, the output budget from ``max_tokens`` x ``n``; past 10,000 items of a
+   pool, extrapolated from characters (the result says so).
 2. **Measure** (:mod:`inference.measurements`): the model's recent finished jobs give the
    tokens per second of one worker (else the pool's live rate, else
    ``scaling.assumed_tokens_per_s``), the share of the output budget its answers used, and the
@@ -24,28 +21,26 @@ stores its answer in ``job.json`` beside the actual figures. Three steps:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inference.config import Config, EngineConfig, ScalingConfig
+from inference.config import Config, ScalingConfig
 from inference.errors import InputError, PermanentError
 from inference.inputs import InputProblem, read_input
-from inference.measurements import JobMeasure, Measured, MeasurementStore, measurements_dir
+from inference.measurements import Measured, MeasurementStore, measurements_dir
 from inference.schema import Request, decode_payload
+from inference.tokens import EXACT_ITEMS, Counted, TokenCounter, count
 
 logger = logging.getLogger(__name__)
 
-EXACT_ITEMS = 10_000  # items of a pool counted with the tokenizer; the rest are extrapolated
-TOKENIZE_BATCH = 256
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -74,151 +69,6 @@ def parse_deadline(text: str, now: float) -> float:
     if seconds <= 0:
         raise ValueError(f"deadline {text!r} is not in the future")
     return seconds
-
-
-# ---------------------------------------------------------------------------- counting
-class TokenCounter:
-    """Prompt tokens of requests to one engine: with its model's tokenizer when the model is
-    local, else from characters (``method`` says which)."""
-
-    def __init__(self, engine: EngineConfig) -> None:
-        self.tokenizer: Any = None
-        self.method = "characters"
-        self.unformatted = 0  # chats the model's chat template refused
-        if not engine.remote:
-            from inference.models import resolve_model
-
-            self.tokenizer = load_tokenizer(str(resolve_model(engine.model)))
-            self.method = "tokenizer"
-
-    def count(self, requests: list[Request]) -> list[int]:
-        if self.tokenizer is None:
-            return [len(r.text) // 3 + 8 for r in requests]  # the queue's estimate_tokens
-        chats = [i for i, r in enumerate(requests) if r.task == "chat"]
-        texts = [r.prompt for r in requests]
-        out = [0] * len(requests)
-        for i in list(chats):
-            try:
-                texts[i] = self.tokenizer.apply_chat_template(
-                    list(requests[i].messages), tokenize=False, add_generation_prompt=True
-                )
-            except Exception:  # the template refuses it (a role it has not): the engine will
-                chats.remove(i)  # dead-letter it; count its characters
-                out[i] = len(requests[i].text) // 3 + 8
-                self.unformatted += 1
-        chat_set = set(chats)
-        plain = [i for i, r in enumerate(requests) if i not in chat_set and r.task != "chat"]
-        for indices, special in ((chats, False), (plain, True)):
-            if indices:
-                ids = self.tokenizer([texts[i] for i in indices], add_special_tokens=special)[
-                    "input_ids"
-                ]
-                for i, one in zip(indices, ids, strict=True):
-                    out[i] = len(one)
-        return out
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str) -> Any:
-    """The model folder's tokenizer, as ``AutoTokenizer`` loads it for the engines. A folder
-    with a ``tokenizer.json`` is loaded as that fast tokenizer directly (the same class and
-    counts, without importing torch: seconds less per estimate); others through
-    ``AutoTokenizer``."""
-    if (Path(path) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-@dataclass
-class Counted:
-    """The counted work of one pool's items."""
-
-    method: str = "tokenizer"  # how the prompts were counted: tokenizer | characters
-    items: int = 0
-    unsupported: int = 0  # valid requests no engine here runs: dead-lettered, no engine time
-    prompt_tokens: int = 0
-    max_output_tokens: int = 0  # sum of max_tokens x n (generations)
-    exact_items: int = 0  # items whose prompts were counted with the tokenizer
-    unformatted: int = 0  # of those, chats the chat template refused (counted by characters)
-    counted_chars: int = 0
-    rest_chars: int = 0  # characters of the items past exact_items (extrapolated)
-    _batch: list[Request] = field(default_factory=list, repr=False)
-
-    @property
-    def sampled(self) -> bool:
-        return self.exact_items < self.items - self.unsupported
-
-    @property
-    def tokens_per_char(self) -> float:
-        return self.prompt_tokens / self.counted_chars if self.counted_chars else 1 / 3
-
-    def total_prompt_tokens(self) -> int:
-        return self.prompt_tokens + round(self.rest_chars * self.tokens_per_char)
-
-    def note(self) -> str:
-        how = (
-            "the model's tokenizer"
-            if self.method == "tokenizer"
-            else "characters (no local tokenizer: characters / 3 + 8 per item)"
-        )
-        text = f"prompt tokens counted with {how}"
-        if self.sampled:
-            rest = self.items - self.unsupported - self.exact_items
-            text += (
-                f" for the first {self.exact_items} items; the other {rest} extrapolated from "
-                f"their characters at {self.tokens_per_char:.3f} tokens per character"
-            )
-        if self.unsupported:
-            text += f"; {self.unsupported} items no engine here runs (dead letters, no time)"
-        if self.unformatted:
-            text += (
-                f"; {self.unformatted} chats the model's chat template refuses (counted by "
-                "characters; the engine will refuse them too)"
-            )
-        return text
-
-
-def count(
-    requests: Iterable[tuple[str, Request | None]],
-    counters: dict[str, TokenCounter],
-    exact_items: int = EXACT_ITEMS,
-) -> dict[str, Counted]:
-    """The work of ``(pool, request)`` pairs by pool (a None request: a valid one no engine
-    here runs). ``counters`` gives each pool's :class:`TokenCounter`."""
-    out: dict[str, Counted] = {}
-    for pool, request in requests:
-        c = out.get(pool)
-        if c is None:
-            c = out[pool] = Counted(method=counters[pool].method)
-        c.items += 1
-        if request is None:
-            c.unsupported += 1
-            continue
-        c.max_output_tokens += request.max_tokens * request.n if request.task != "embedding" else 0
-        if c.exact_items + len(c._batch) < exact_items:
-            c._batch.append(request)
-            if len(c._batch) >= TOKENIZE_BATCH:
-                _flush(c, counters[pool])
-        else:
-            c.rest_chars += len(request.text)
-    for pool, c in out.items():
-        _flush(c, counters[pool])
-    return out
-
-
-def _flush(c: Counted, counter: TokenCounter) -> None:
-    if not c._batch:
-        return
-    before = counter.unformatted
-    c.prompt_tokens += sum(counter.count(c._batch))
-    c.unformatted += counter.unformatted - before
-    c.counted_chars += sum(len(r.text) for r in c._batch)
-    c.exact_items += len(c._batch)
-    c._batch = []
 
 
 # ---------------------------------------------------------------------------- the arithmetic
@@ -518,84 +368,6 @@ def config_deadline_s(config: Config, now: float) -> float | None:
         deadline = deadline.replace(tzinfo=UTC)
     left = deadline.timestamp() - now
     return left if left > 0 else None
-
-
-def job_report(
-    job_id: str,
-    config: Config,
-    planned: dict[str, Any] | None,
-    before: dict[str, Any],
-    final: dict[str, Any],
-    wall_s: float | None,
-    workers: dict[str, int],
-    cost: float,
-    store: MeasurementStore | None,
-    whole: bool | None = None,
-) -> dict[str, Any]:
-    """``job.json``'s ``estimate`` (as made before the job) and ``actual`` (this run's
-    figures: the stats ``final`` minus those ``before`` it, for a resumed job), and each pool's
-    figures recorded in ``store`` for the next estimate. The share of the output budget is
-    recorded only when this run did the ``whole`` job (its budget was counted for all items;
-    default: nothing was settled ``before``)."""
-    if whole is None:
-        whole = before.get("done", 0) + before.get("dead", 0) == 0
-
-    def delta(st: dict[str, Any], was: dict[str, Any], key: str) -> float:
-        return float(st.get(key, 0)) - float(was.get(key, 0))
-
-    prompt = int(delta(final, before, "prompt_tokens"))
-    completion = int(delta(final, before, "completion_tokens"))
-    busy_s = delta(final, before, "busy_s")
-    n_workers = sum(workers.values())
-    actual: dict[str, Any] = {
-        "items": int(delta(final, before, "done") + delta(final, before, "dead")),
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "engine_s": busy_s,
-        "workers": n_workers,
-        "duration_s": wall_s,
-        "cost": cost,
-        "tokens_per_s_per_worker": (prompt + completion) / busy_s if busy_s > 0 else None,
-    }
-    if store is not None:
-        models = planned.get("models") if planned else None
-        for name, st in (final.get("pools") or {}).items():
-            was = (before.get("pools") or {}).get(name, {})
-            tokens = int(delta(st, was, "prompt_tokens") + delta(st, was, "completion_tokens"))
-            one = _planned_pool(planned, models, config, name)
-            try:
-                store.record(
-                    name,
-                    JobMeasure(
-                        job_id,
-                        tokens=tokens,
-                        busy_s=delta(st, was, "busy_s"),
-                        completion_tokens=int(delta(st, was, "completion_tokens")),
-                        max_output_tokens=one.get("max_output_tokens") if whole and one else None,
-                        wall_s=wall_s,
-                        workers=workers.get(name),
-                    ),
-                )
-            except OSError as exc:  # the job is done; only the next estimate is poorer
-                logger.warning("job=%s: cannot record measurements of %s: %s", job_id, name, exc)
-    return {"estimate": planned, "actual": actual}
-
-
-def _planned_pool(
-    planned: dict[str, Any] | None,
-    models: dict[str, Any] | None,
-    config: Config,
-    pool: str,
-) -> dict[str, Any] | None:
-    """The part of an estimate about one pool."""
-    if planned is None:
-        return None
-    if models is None:
-        return planned if planned.get("model") == pool else None
-    for entry in models.values():
-        if entry.get("model") == pool:
-            return dict(entry)
-    return None
 
 
 def run_estimate(

@@ -1,4 +1,5 @@
-"""What finished jobs measured of each model, for the next estimate (:mod:`inference.estimate`).
+"""What finished jobs measured of each model, for the next estimate (:mod:`inference.estimate`),
+and a job's ``estimate`` against its ``actual`` figures for ``job.json`` (:func:`job_report`).
 
 One small JSON file per model under ``<state dir>/measurements/`` (the Controller's state
 folder: ``api.state_dir``, else the folder of the queue's SQLite file, by default
@@ -163,3 +164,81 @@ class MeasurementStore:
 
 def _fields(job: JobMeasure) -> dict[str, Any]:
     return {name: getattr(job, name) for name in job.__slots__}
+
+
+def job_report(
+    job_id: str,
+    config: Config,
+    planned: dict[str, Any] | None,
+    before: dict[str, Any],
+    final: dict[str, Any],
+    wall_s: float | None,
+    workers: dict[str, int],
+    cost: float,
+    store: MeasurementStore | None,
+    whole: bool | None = None,
+) -> dict[str, Any]:
+    """``job.json``'s ``estimate`` (as made before the job) and ``actual`` (this run's
+    figures: the stats ``final`` minus those ``before`` it, for a resumed job), and each pool's
+    figures recorded in ``store`` for the next estimate. The share of the output budget is
+    recorded only when this run did the ``whole`` job (its budget was counted for all items;
+    default: nothing was settled ``before``)."""
+    if whole is None:
+        whole = before.get("done", 0) + before.get("dead", 0) == 0
+
+    def delta(st: dict[str, Any], was: dict[str, Any], key: str) -> float:
+        return float(st.get(key, 0)) - float(was.get(key, 0))
+
+    prompt = int(delta(final, before, "prompt_tokens"))
+    completion = int(delta(final, before, "completion_tokens"))
+    busy_s = delta(final, before, "busy_s")
+    n_workers = sum(workers.values())
+    actual: dict[str, Any] = {
+        "items": int(delta(final, before, "done") + delta(final, before, "dead")),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "engine_s": busy_s,
+        "workers": n_workers,
+        "duration_s": wall_s,
+        "cost": cost,
+        "tokens_per_s_per_worker": (prompt + completion) / busy_s if busy_s > 0 else None,
+    }
+    if store is not None:
+        models = planned.get("models") if planned else None
+        for name, st in (final.get("pools") or {}).items():
+            was = (before.get("pools") or {}).get(name, {})
+            tokens = int(delta(st, was, "prompt_tokens") + delta(st, was, "completion_tokens"))
+            one = _planned_pool(planned, models, config, name)
+            try:
+                store.record(
+                    name,
+                    JobMeasure(
+                        job_id,
+                        tokens=tokens,
+                        busy_s=delta(st, was, "busy_s"),
+                        completion_tokens=int(delta(st, was, "completion_tokens")),
+                        max_output_tokens=one.get("max_output_tokens") if whole and one else None,
+                        wall_s=wall_s,
+                        workers=workers.get(name),
+                    ),
+                )
+            except OSError as exc:  # the job is done; only the next estimate is poorer
+                logger.warning("job=%s: cannot record measurements of %s: %s", job_id, name, exc)
+    return {"estimate": planned, "actual": actual}
+
+
+def _planned_pool(
+    planned: dict[str, Any] | None,
+    models: dict[str, Any] | None,
+    config: Config,
+    pool: str,
+) -> dict[str, Any] | None:
+    """The part of an estimate about one pool."""
+    if planned is None:
+        return None
+    if models is None:
+        return planned if planned.get("model") == pool else None
+    for entry in models.values():
+        if entry.get("model") == pool:
+            return dict(entry)
+    return None

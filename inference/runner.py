@@ -18,9 +18,9 @@ import ray
 from inference.cluster import cluster_slots, connect
 from inference.config import Config, ScalingConfig
 from inference.errors import InferenceError, JobConflict, OutputError
-from inference.estimate import job_report, pool_sizes, run_estimate
+from inference.estimate import pool_sizes, run_estimate
 from inference.inputs import InputProblem, InputRecord, read_input, rejection
-from inference.measurements import MeasurementStore, measurements_dir
+from inference.measurements import MeasurementStore, job_report, measurements_dir
 from inference.pool import WorkerPool
 from inference.progress import Progress, Tracker, job_cost, model_shares
 from inference.queue.actor import get_or_create_queue

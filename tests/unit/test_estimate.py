@@ -12,8 +12,6 @@ from inference.config import load_config, parse_config
 from inference.errors import InputError
 from inference.estimate import (
     Throughput,
-    TokenCounter,
-    count,
     estimate,
     file_requests,
     parse_deadline,
@@ -23,6 +21,7 @@ from inference.estimate import (
 )
 from inference.measurements import JobMeasure, Measured, MeasurementStore
 from inference.schema import parse_request
+from inference.tokens import TokenCounter, count
 from tests.conftest import REPO
 
 TINY = REPO / "models" / "tiny-llama"
