@@ -132,6 +132,48 @@ def run(
 
 
 @app.command()
+def estimate(
+    input: Annotated[
+        Path, typer.Argument(help="Input file (OpenAI batch JSONL, JSONL/CSV/Parquet).")
+    ],
+    config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
+    output: Annotated[
+        Path | None, typer.Option(help="Output root (overrides output.path).")
+    ] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option(help="Finish within (2h, 90m) or by (ISO time): the workers it needs."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Workers now (default: what `run` starts).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """Tokens, duration and cost of a job before it runs, and the workers a deadline needs."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from inference.estimate import estimate_input, estimate_rows
+
+    try:
+        cfg = _load(config, output)
+        result = estimate_input(input, cfg, deadline, workers)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except (InputError, ValueError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    table = Table(title=f"estimate of {input}", show_header=False)
+    for key, value in estimate_rows(result):
+        table.add_row(key, value)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for note in result["notes"]:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+
+
+@app.command()
 def serve(
     config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
     host: Annotated[

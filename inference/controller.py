@@ -45,9 +45,11 @@ from inference.api.filestore import FileStore, QuotaExceeded
 from inference.api.http_errors import ApiError, not_found
 from inference.config import Config
 from inference.errors import ConfigError, JobConflict, OutputError, QueueError
+from inference.estimate import server_estimate
 from inference.export import error_jsonl
 from inference.fleet import Fleet, job_deadlines
 from inference.heap import freeze_startup_heap
+from inference.measurements import MeasurementStore, job_report
 from inference.metrics import record_ray as record_ray_metrics
 from inference.progress import History, Tracker, job_cost
 from inference.queue.actor import NAMESPACE, OWNER_WAIT_S, get_queue, head_node_id
@@ -801,6 +803,7 @@ class Controller:
             self._set(rec, "failed", "failed")
             logger.info("batch %s failed validation: %d error(s)", rec["id"], check.error_count)
             return
+        rec["estimate"] = self._estimate(config, path, rec["endpoint"])  # job.json shows it
         spec = job_spec(config, rec["id"], rec["output_root"])
         # Its dead letters are redriven only through here (see redrive), never behind the
         # back of its output and error files.
@@ -862,7 +865,25 @@ class Controller:
         job_id = rec["id"]
         output = JobOutput(rec["output_root"], job_id, config.output.format)
         finalize(self._queue, output, job_id, st)
-        output.write_json(output.job_json, _job_summary(rec, st, config, final))
+        summary = _job_summary(rec, st, config, final)
+        ran_s = time.time() - rec["created_at"] if rec["kind"] == "batch" else None
+        store = MeasurementStore(self.state_dir / "measurements")
+        plan = rec.get("estimate")
+        summary.update(
+            job_report(
+                job_id,
+                config,
+                plan,
+                {},
+                st,
+                ran_s,
+                {},
+                summary["cost"],
+                store,
+                final == "completed",
+            )
+        )
+        output.write_json(output.job_json, summary)
         if rec["kind"] == "batch":
             # The output file is the lines a reader may have had while the batch ran, in the
             # same order, then the rest.
@@ -888,6 +909,19 @@ class Controller:
                 self._observed.pop(job_id, None)
         rec["finalized_total"] = st["total"]
         self._set(rec, final, final)
+
+    def _estimate(self, config: Config, path: Path, endpoint: str) -> dict[str, Any] | None:
+        """A checked batch file's estimate (None, logged, where none can be made)."""
+        try:
+            pairs = (
+                (it.pool, it.payload)
+                for chunk, _ in batch_items(path, endpoint, config)
+                for it in chunk
+            )
+            return server_estimate(config, pairs, self.state_dir, self._fleet.snapshot())
+        except Exception as exc:
+            logger.warning("no estimate of %s: %s", path, exc)
+            return None
 
     def _put_output(
         self, file_id: str, filename: str, chunks: Iterator[bytes], expires_at: int | None

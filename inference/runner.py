@@ -16,9 +16,11 @@ import pyarrow as pa
 import ray
 
 from inference.cluster import cluster_slots, connect
-from inference.config import Config
+from inference.config import Config, ScalingConfig
 from inference.errors import InferenceError, JobConflict, OutputError
+from inference.estimate import pool_sizes, run_estimate
 from inference.inputs import InputProblem, InputRecord, read_input, rejection
+from inference.measurements import MeasurementStore, job_report, measurements_dir
 from inference.pool import WorkerPool
 from inference.progress import Progress, Tracker, job_cost, model_shares
 from inference.queue.actor import get_or_create_queue
@@ -250,6 +252,7 @@ def run_job(
             earlier["pending"] + earlier["leased"] > 0
         ):
             one.start()
+    planned = run_estimate(input_path, config, *pool_sizes(config, _slots))  # while they load
     try:
         accepted = 0
         for chunk in _chunks(_records(input_path, config), config):
@@ -299,10 +302,20 @@ def run_job(
         workers=sizing.peak if processed else 0,
         workers_lost=sizing.lost,
     )
-    output.write_json(output.job_json, {**summary.as_dict(), **_job_fields(final, config)})
+    fields = _job_fields(final, config)
+    peaks = {one.name: one.peak for one in sizing.pools}
+    store = MeasurementStore(measurements_dir(config))
+    report = job_report(
+        job_id, config, planned, before, final, wall_s, peaks, fields["cost"], store
+    )
+    output.write_json(output.job_json, {**summary.as_dict(), **fields, **report})
     if on_progress:
         on_progress(tracker.update(time.monotonic(), final))
     return summary
+
+
+def _slots(scaling: ScalingConfig) -> int:
+    return cluster_slots(scaling.cpus_per_worker, scaling.gpus_per_worker)
 
 
 def _fixed_workers(config: Config, models: int) -> int:

@@ -20,7 +20,7 @@ from inference import __version__
 from inference.config import Config
 from inference.heap import freeze_startup_heap
 
-from . import dashboard, files, native, openai_batches, ops, results
+from . import dashboard, estimate, files, native, openai_batches, ops, results
 from .coalesce import Coalescer
 from .guard import ASGIApp, Guard, Message, Receive, Scope, Send
 from .http_errors import ApiError, error_body, validation_error
@@ -56,7 +56,8 @@ def create_app(config: Config, queue: Any, controller: Any) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.inference = state
-    for module in (openai_batches, files, native, results, ops, dashboard):
+    # estimate before native: /v1/jobs/estimate is not a job's id
+    for module in (openai_batches, files, estimate, native, results, ops, dashboard):
         app.include_router(module.router)
     _install_error_handlers(app)
     app.add_middleware(_RequestCounter, state=app.state.inference)
