@@ -180,6 +180,7 @@ def _message(item: Any, where: str) -> dict[str, str]:
 
 def _text_part(part: Any, where: str, role: str) -> str:
     kind = part.get("type") if isinstance(part, dict) else None
+    kind = kind if isinstance(kind, str) else None
     if kind in _OTHER_PARTS:
         raise _unsupported(
             f"{where}: {kind} parts are not supported on {RESPONSES_URL} (text parts only)"

@@ -6,6 +6,7 @@ shape of its own endpoint."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,47 @@ URL = "/v1/responses"
 def _line(cid: str, **body: Any) -> dict[str, Any]:
     base = {"model": "tiny-llama", "input": f"say {cid}", "max_output_tokens": 6}
     return {"custom_id": cid, "method": "POST", "url": URL, "body": {**base, **body}}
+
+
+def test_a_run_of_mixed_urls_records_each_rows_url_and_exports_it_in_its_shape(
+    ray_cluster: Path, queue_db: Path, tmp_path: Path
+) -> None:
+    """``inference run`` and ``inference export`` (first in the module: no server's pool yet)."""
+    from inference.admin import export_jsonl
+    from inference.config import load_config
+    from inference.runner import run_job
+    from inference.shards import read_results
+    from tests.conftest import REPO
+
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    path = _jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            _line("r-1"),
+            {"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions", "body": chat},
+            _line("r-2", reasoning={"effort": "high"}),
+        ],
+    )
+    config = load_config(REPO / "configs" / "tiny-cpu.yaml").with_updates(
+        output={"path": str(tmp_path / "out")}, queue={"db_path": str(queue_db)}
+    )
+    summary = run_job(path, config, job_id="responses-run")
+    assert (summary.done, summary.dead) == (2, 1)
+    rows = read_results(summary.output).to_pylist()
+    assert {r["custom_id"]: r["url"] for r in rows} == {"r-1": URL, "c-1": "/v1/chat/completions"}
+
+    out, err = export_jsonl(config, "responses-run", tmp_path / "export")  # no endpoint: rows'
+    bodies = {
+        line["custom_id"]: line["response"]["body"]
+        for line in map(json.loads, out.read_text().splitlines())
+    }
+    Response.model_validate(bodies["r-1"])
+    ChatCompletion.model_validate(bodies["c-1"])
+    (error,) = map(json.loads, err.read_text().splitlines())
+    assert error["custom_id"] == "r-2"
+    assert error["response"]["body"]["error"]["message"].startswith(
+        "body.reasoning is not supported on /v1/responses"
+    )
 
 
 @pytest.fixture(scope="module")

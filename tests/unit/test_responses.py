@@ -10,6 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
@@ -305,6 +307,46 @@ def test_a_body_that_is_not_an_object_is_invalid() -> None:
     with pytest.raises(PermanentError, match="body must be a JSON object") as info:
         parse_request(URL, ["hi"])
     assert info.value.code == "invalid_request"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(["input", "instructions", "text", "metadata", "tools", "model", "type"])
+_PARTS = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text", "input_image", "message"]) | _JSON},
+    optional={"text": _JSON, "role": _JSON},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(_KEYS, _JSON | st.lists(_PARTS, max_size=2), max_size=4)
+    | st.fixed_dictionaries(
+        {
+            "input": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "assistant"]) | _JSON},
+                    optional={"content": st.lists(_PARTS, max_size=2) | _JSON, "type": _JSON},
+                ),
+                max_size=2,
+            ),
+            "text": st.fixed_dictionaries({}, optional={"format": _PARTS | _JSON}),
+        }
+    )
+    | _JSON
+)
+@example({"input": [{"role": "user", "content": [{"type": []}]}]})  # an unhashable type
+@example({"input": [{"type": {}}]})
+def test_any_json_body_is_parsed_or_refused_with_a_permanent_error(body: Any) -> None:
+    try:
+        parse_request(URL, body)
+    except PermanentError as exc:
+        assert exc.code in ("invalid_request", "unsupported") and exc.message.startswith("body")
 
 
 # ------------------------------------------------------------------ entry points
