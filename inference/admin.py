@@ -216,7 +216,7 @@ def export_jsonl(
 ) -> tuple[Path, Path]:
     """Write ``<job>_output.jsonl`` and ``<job>_errors.jsonl`` (OpenAI batch line format).
     ``endpoint`` shapes the answers (``/v1/completions``: text completions); None: each row
-    decides (an embedding, else a chat completion)."""
+    decides by its ``url`` (in shards older than that column: an embedding, else chat)."""
     job_dir = JobOutput(config.output.path, job_id, config.output.format).base
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

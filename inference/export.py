@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from inference.queue.records import JOB_END_CODES
-from inference.schema import ERROR_SCHEMA, RESULT_SCHEMA
+from inference.schema import ERROR_SCHEMA, RESPONSES_URL, RESULT_SCHEMA
 from inference.shards import JobOutput, resolve_fs
 
 _EXPIRED = "This request could not be executed before the completion window expired."
@@ -43,12 +43,15 @@ def _timestamp(value: Any) -> int:
 
 
 def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str, Any]:
-    """The OpenAI response body of one result row: a chat.completion, a text_completion or an
-    embedding list. Without ``endpoint`` the row decides (an embedding, else chat). A row with
+    """The OpenAI response body of one result row: a chat.completion, a text_completion, an
+    embedding list or a Responses ``response``. Without ``endpoint`` the row's ``url`` decides,
+    and a row written before that column by its content (an embedding, else chat). A row with
     ``choices`` (``n > 1`` or logprobs asked for) gives all of them, with their logprobs; a row
     without gives one choice, from ``output_text``."""
     if endpoint is None:
-        endpoint = "/v1/embeddings" if row.get("embedding") is not None else "/v1/chat/completions"
+        endpoint = row.get("url") or (
+            "/v1/embeddings" if row.get("embedding") is not None else "/v1/chat/completions"
+        )
     prompt = int(row.get("prompt_tokens") or 0)
     completion = int(row.get("completion_tokens") or 0)
     created = _timestamp(row.get("completed_at"))
@@ -61,6 +64,8 @@ def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str,
             "model": model,
             "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
         }
+    if endpoint == RESPONSES_URL:
+        return _response(row, key, created)
     usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -82,6 +87,48 @@ def response_body(row: dict[str, Any], endpoint: str | None = None) -> dict[str,
         "model": model,
         "choices": [_chat_choice(c) for c in _choices(row)],
         "usage": usage,
+    }
+
+
+def _response(row: dict[str, Any], key: tuple[str, str], created: int) -> dict[str, Any]:
+    """A Responses ``response`` object: one assistant message of one output_text part,
+    ``incomplete`` (reason ``max_output_tokens``) where the token limit cut it. Request fields
+    that OpenAI echoes back (instructions, metadata, temperature, ...) are not kept in a result
+    row, so they read as null; no tools run here, so none are listed."""
+    prompt = int(row.get("prompt_tokens") or 0)
+    completion = int(row.get("completion_tokens") or 0)
+    cut = row.get("finish_reason") == "length"
+    status = "incomplete" if cut else "completed"
+    return {
+        "id": _hash_id("resp_", *key),
+        "object": "response",
+        "created_at": created,
+        "completed_at": None if cut else created,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "model": row.get("model") or "",
+        "output": [
+            {
+                "type": "message",
+                "id": _hash_id("msg_", *key),
+                "status": status,
+                "role": "assistant",
+                "content": [
+                    {"type": "output_text", "text": row.get("output_text") or "", "annotations": []}
+                ],
+            }
+        ],
+        "parallel_tool_calls": False,
+        "tool_choice": "none",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        },
     }
 
 

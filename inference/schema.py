@@ -22,10 +22,12 @@ from inference.errors import PermanentError
 Task = Literal["chat", "completion", "embedding"]
 
 CUSTOM_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RESPONSES_URL = "/v1/responses"
 URL_TASKS: dict[str, Task] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    RESPONSES_URL: "chat",  # a Responses body is read as a chat request (inference.responses)
 }
 # Body fields an engine here cannot honour; a request that sets them is refused, never ignored.
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "stream")
@@ -178,11 +180,19 @@ def _response_format(body: dict[str, Any], task: Task) -> dict[str, Any] | None:
         return None
     if kind == "json_object":
         return {"type": "json_object"}
-    spec = value.get("json_schema")
     where += ".json_schema"
+    spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise _invalid(f"{where} must be an object")
     _known_keys(spec, where, {"name", "description", "schema", "strict"})
+    return json_schema_format(spec, where)
+
+
+def json_schema_format(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """The normalised ``json_schema`` response format of ``spec`` (its ``name``, ``schema``
+    and optional ``description`` and ``strict``), checked; errors name fields under ``where``.
+    Chat nests these under ``response_format.json_schema``, Responses has them flat in
+    ``text.format``: both come here."""
     name = spec.get("name")
     if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise _invalid(f"{where}.name must be 1 to 64 letters, digits, underscores or dashes")
@@ -239,6 +249,10 @@ def parse_request(url: Any, body: Any) -> Request:
     task = URL_TASKS.get(url) if isinstance(url, str) else None
     if task is None:
         raise _invalid(f"url must be one of {', '.join(URL_TASKS)}, got {url!r}")
+    if url == RESPONSES_URL:
+        from inference.responses import parse_responses  # built on this module's helpers
+
+        return parse_responses(body)
     if not isinstance(body, dict):
         raise _invalid("body must be a JSON object")
     model = body.get("model", "")
@@ -328,8 +342,14 @@ def encode_payload(url: str, body: dict[str, Any]) -> str:
 
 
 def decode_payload(payload: str) -> Request:
+    return decode_item(payload)[1]
+
+
+def decode_item(payload: str) -> tuple[str, Request]:
+    """The url of an item's payload (its endpoint, which shapes its answer) and its request."""
     data = json.loads(payload)
-    return parse_request(data.get("url"), data.get("body"))
+    url = data.get("url")
+    return str(url), parse_request(url, data.get("body"))
 
 
 def estimate_tokens(request: Request) -> int:
@@ -432,9 +452,13 @@ RESULT_SCHEMA = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("latency_ms", pa.float64()),
         pa.field("completed_at", pa.timestamp("us", tz="UTC")),
-        # Last, so older readers' column order holds; null when n == 1 and no logprobs, and
-        # in shards written before the column existed (readers pass this schema: nulls).
+        # Added columns go last, so older readers' column order holds; in shards written
+        # before a column existed it reads as nulls (readers pass this schema).
+        # Null when n == 1 and no logprobs.
         pa.field("choices", pa.list_(CHOICE_TYPE)),
+        # The item's endpoint, which shapes its answer (a native job may mix them); where it is
+        # null, readers guess (an embedding, else chat).
+        pa.field("url", pa.string()),
     ]
 )
 

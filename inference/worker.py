@@ -61,7 +61,7 @@ from inference.heap import freeze_startup_heap
 from inference.packing import run_packed
 from inference.queue.actor import get_queue
 from inference.queue.store import LeasedItem, LeaseToken
-from inference.schema import Result, choices_column, decode_payload
+from inference.schema import Result, choices_column, decode_item
 from inference.shards import JobOutput, results_table
 
 logger = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ class InferenceWorker:
                 "worker": self.worker_id,
                 "latency_ms": (time.monotonic() - item.extra["leased_at"]) * 1000.0,
                 "completed_at": now,
+                "url": item.extra.get("url"),
             }
         )
         pending.tokens.append(leased.token)
@@ -460,7 +461,7 @@ class InferenceWorker:
         for item in leased:
             self._job_settings(item.job_id)
             try:
-                request = decode_payload(item.payload)
+                url, request = decode_item(item.payload)
                 p = self.engine.prepare(request)
             except ItemError as exc:
                 refused.append((item, exc))
@@ -469,6 +470,7 @@ class InferenceWorker:
                 refused.append((item, PermanentError(f"cannot prepare: {exc}", "invalid_request")))
                 continue
             p.key = item
+            p.extra["url"] = url
             p.extra["leased_at"] = now
             p.extra["job"] = item.job_id
             p.extra["item_id"] = item.item_id

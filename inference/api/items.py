@@ -14,7 +14,7 @@ from typing import Any
 
 from inference.config import ApiConfig, Config
 from inference.errors import PermanentError
-from inference.schema import encode_payload, estimate_tokens, parse_request
+from inference.schema import RESPONSES_URL, encode_payload, estimate_tokens, parse_request
 
 _PARAM = re.compile(r"^((?:body|url)(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)")
 
@@ -67,6 +67,8 @@ def check_item(url: Any, body: Any, api: ApiConfig) -> CheckedItem:
         return CheckedItem(encode_payload(str(url), dict(body)), 1, str(model))
     if request.max_tokens > api.max_tokens and request.task != "embedding":
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        if url == RESPONSES_URL:
+            name = "max_output_tokens"
         raise ItemRejected(
             f"body.{name} must be at most {api.max_tokens} on this server, got "
             f"{request.max_tokens}",

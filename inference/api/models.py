@@ -48,9 +48,9 @@ class BatchCreate(Strict):
     input_file_id: str = Field(
         min_length=1, max_length=128, description="An uploaded file with purpose batch."
     )
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(
-        description="The endpoint every line of the file calls."
-    )
+    endpoint: Literal[
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"
+    ] = Field(description="The endpoint every line of the file calls.")
     completion_window: str = Field(
         pattern=r"^[1-9]\d{0,6}[smhd]$",
         description="Time to finish, e.g. '24h' (OpenAI's only value); here 1s to 30d.",
@@ -134,7 +134,8 @@ class ItemIn(Strict):
     custom_id: str = Field(pattern=ID_PATTERN, description="The item's id, unique in its job.")
     method: Literal["POST"] = Field("POST", description="Always POST (as in a batch file).")
     url: str = Field(
-        description="/v1/chat/completions, /v1/completions or /v1/embeddings.", max_length=64
+        description="/v1/chat/completions, /v1/completions, /v1/embeddings or /v1/responses.",
+        max_length=64,
     )
     body: dict[str, Any] = Field(description="The request body, as OpenAI's API takes it.")
     urgent: bool = Field(

@@ -217,7 +217,8 @@ def _unsupported_reason(request: Request) -> str | None:
     if request.n != 1:
         return f"body.n > 1 {needs} one choice per item)"
     if request.response_format is not None:
-        return f"body.response_format {needs} no structured outputs)"
+        where = "body.response_format (body.text.format on /v1/responses)"
+        return f"{where} {needs} no structured outputs)"
     if request.logprobs:
         return f"body.logprobs {needs} no token logprobs)"
     for name in ("presence_penalty", "frequency_penalty"):

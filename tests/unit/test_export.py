@@ -112,7 +112,7 @@ def test_results_table_takes_rows_with_and_without_choices() -> None:
     del without["choices"]
     table = results_table([without, _row("b"), _row("c", _result())])
     assert table.schema == RESULT_SCHEMA
-    assert RESULT_SCHEMA.names[-1] == "choices"
+    assert RESULT_SCHEMA.names[-2:] == ["choices", "url"]  # added columns come last
     choices = table.column("choices").to_pylist()
     assert choices[:2] == [None, None]
     assert [c["text"] for c in choices[2]] == ["Hello", "Hi"]
@@ -166,7 +166,7 @@ def test_n_choices_without_logprobs_export_null_logprobs() -> None:
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_a_shard_written_before_the_choices_column_still_reads(tmp_path: Path, fmt: str) -> None:
-    old_schema = pa.schema([f for f in RESULT_SCHEMA if f.name != "choices"])
+    old_schema = pa.schema([f for f in RESULT_SCHEMA if f.name not in ("choices", "url")])
     old_row = _row("old")
     del old_row["choices"]
     out = JobOutput(str(tmp_path), "j", fmt)

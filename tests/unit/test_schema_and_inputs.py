@@ -351,7 +351,10 @@ def test_the_http_layer_refuses_a_bad_schema_with_its_param() -> None:
     [
         ({"n": 2}, "body.n"),
         ({"logprobs": True}, "body.logprobs"),
-        ({"response_format": {"type": "json_object"}}, "body.response_format needs engine.kind"),
+        (
+            {"response_format": {"type": "json_object"}},
+            "body.response_format (body.text.format on /v1/responses) needs engine.kind",
+        ),
         ({"presence_penalty": 0.1}, "body.presence_penalty"),
         ({"frequency_penalty": -0.1}, "body.frequency_penalty"),
     ],
