@@ -135,8 +135,10 @@ def test_results_of_an_unknown_job_or_a_forged_cursor_are_refused(http: httpx.Cl
 def test_a_running_batch_has_an_output_file_that_grows_to_the_final_one(
     client: Any, tmp_path: Path
 ) -> None:
-    ids = [f"live-{i}" for i in range(48)]
-    path = _jsonl(tmp_path / "live.jsonl", [_line(cid, max_tokens=SLOW // 4) for cid in ids])
+    # Long enough answers that the batch runs for several ticks of the Controller (48 short
+    # ones can finish within one, and the file would first be seen while finalizing).
+    ids = [f"live-{i}" for i in range(96)]
+    path = _jsonl(tmp_path / "live.jsonl", [_line(cid, max_tokens=SLOW) for cid in ids])
     f = client.files.create(file=path.open("rb"), purpose="batch")
     batch = client.batches.create(
         input_file_id=f.id,
