@@ -58,7 +58,14 @@ from inference.results import ShardOrder
 from inference.runner import finalize, job_spec, model_prices
 from inference.schema import CUSTOM_ID, URL_TASKS
 from inference.shards import JobOutput
-from inference.webhooks import Deliverer, Outbox, WebhookSettings, insert_rows, load_secrets
+from inference.webhooks import (
+    KEEP_S,
+    Deliverer,
+    Outbox,
+    WebhookSettings,
+    insert_rows,
+    load_secrets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -590,6 +597,9 @@ class Controller:
         deleted = [f for f in self._files.expired(now) if self._files.delete(f)]
         if deleted:
             logger.info("janitor: deleted %d expired file(s): %s", len(deleted), deleted[:10])
+        pruned = self._registry.outbox.prune((time.time() if now is None else now) - KEEP_S)
+        if pruned:
+            logger.info("janitor: deleted %d webhook delivery row(s) past their keep", pruned)
         return deleted
 
     # ------------------------------------------------------------------ results while running

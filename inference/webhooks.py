@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 3600.0
 RECENT = 20  # deliveries the dashboard lists
+KEEP_S = 30 * 86400.0  # delivered and given-up rows are kept this long after their last attempt
 _BATCH = 50  # due rows read at a time per endpoint
 
 OUTBOX_SCHEMA = (
@@ -240,6 +241,16 @@ class Outbox:
                 "UPDATE webhook_outbox SET state = 'given_up', last_attempt_at = ?,"
                 f" last_error = 'endpoint no longer in api.webhooks' WHERE {where}",
                 (now, *known),
+            )
+        return cur.rowcount
+
+    def prune(self, before: float) -> int:
+        """Delete the delivered and given-up rows last attempted before ``before`` (the
+        janitor's call, ``KEEP_S`` back); a due row is never deleted. Returns how many went."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM webhook_outbox WHERE state != 'due' AND last_attempt_at < ?",
+                (before,),
             )
         return cur.rowcount
 

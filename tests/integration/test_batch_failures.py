@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_api import (
+from tests.support.api_server import (
     TOKEN,
     _jsonl,
     _line,

@@ -12,7 +12,7 @@ import pytest
 
 from inference.config import ScalingConfig
 from inference.fleet import IDLE_GRACE_S, desired_workers
-from tests.integration.test_api import api_config, cluster_services
+from tests.support.api_server import api_config, cluster_services
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from inference.config import load_config
 from inference.measurements import MeasurementStore, measurements_dir
 from tests.conftest import EXAMPLES, REPO
-from tests.integration.test_api import (
+from tests.support.api_server import (
     TOKEN,
     _jsonl,
     _line,

@@ -127,7 +127,7 @@ def _server_config(base: Path, queue_db: Path):
 @pytest.fixture(scope="module")
 def server(ray_cluster: Path, queue_db: Path, tmp_path_factory: pytest.TempPathFactory):
     from inference.api.app import create_app
-    from tests.integration.test_api import cluster_services, live_server
+    from tests.support.api_server import cluster_services, live_server
 
     config = _server_config(tmp_path_factory.mktemp("multi-api"), queue_db)
     with (
@@ -185,7 +185,7 @@ def test_a_batch_runs_on_its_model_and_one_of_an_unserved_model_fails_validation
 ) -> None:
     from openai import OpenAI
 
-    from tests.integration.test_api import _jsonl, wait_batch
+    from tests.support.api_server import _jsonl, wait_batch
 
     client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
     lines = [_line(f"e{i}", EMBED) for i in range(8)]

@@ -7,7 +7,6 @@ shape of its own endpoint."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,11 @@ import pytest
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from tests.integration.test_api import (
+from tests.support.api_server import (
     TOKEN,
     _jsonl,
     api_config,
     cluster_services,
-    live_server,
     read_lines,
     wait_batch,
 )
@@ -80,30 +78,6 @@ def services(ray_cluster: Path, queue_db: Path, tmp_path_factory: pytest.TempPat
     config = api_config(tmp_path_factory.mktemp("responses"), queue_db, tokens=[TOKEN])
     with cluster_services(config) as (queue, controller):
         yield config, queue, controller
-
-
-@pytest.fixture(scope="module")
-def server(services) -> Iterator[str]:
-    from inference.api.app import create_app
-
-    config, queue, controller = services
-    with live_server(create_app(config, queue, controller)) as url:
-        yield url
-
-
-@pytest.fixture()
-def client(server: str):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0, timeout=60)
-
-
-@pytest.fixture()
-def http(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-    ) as c:
-        yield c
 
 
 def test_a_responses_batch_answers_each_line_as_a_response_and_refuses_tools(

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.test_api import (
+from tests.support.api_server import (
     SLOW,
     TOKEN,
     _jsonl,
     _line,
     api_config,
     cluster_services,
-    live_server,
     wait_batch,
 )
 
@@ -34,30 +32,6 @@ def services(ray_cluster: Path, queue_db: Path, tmp_path_factory: pytest.TempPat
     config = config.with_updates(output={"rows_per_shard": 8, "max_shard_age_s": 0.3})
     with cluster_services(config) as (queue, controller):
         yield config, queue, controller
-
-
-@pytest.fixture(scope="module")
-def server(services) -> Iterator[str]:
-    from inference.api.app import create_app
-
-    config, queue, controller = services
-    with live_server(create_app(config, queue, controller)) as url:
-        yield url
-
-
-@pytest.fixture()
-def http(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-    ) as c:
-        yield c
-
-
-@pytest.fixture()
-def client(server: str):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0, timeout=60)
 
 
 def _items(ids: list[str], max_tokens: int) -> dict[str, Any]:

@@ -22,8 +22,8 @@ import pytest
 from openai.types.webhooks import BatchCancelledWebhookEvent, BatchCompletedWebhookEvent
 
 from inference.config import Config
-from tests.integration.test_api import SLOW, TOKEN, _jsonl, _line, api_config, live_server
-from tests.integration.test_api import wait_batch as _wait_batch
+from tests.support.api_server import SLOW, TOKEN, _jsonl, _line, api_config, live_server
+from tests.support.api_server import wait_batch as _wait_batch
 from tests.support.webhook_receiver import Receiver
 
 SECRET_ENV = "INFERENCE_TEST_WEBHOOK_SECRET"
@@ -91,21 +91,6 @@ def server(services: tuple[Config, Any]) -> Iterator[str]:
     config, queue = services
     with live_server(create_app(config, queue, get_controller())) as url:
         yield url
-
-
-@pytest.fixture()
-def client(server: str) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0, timeout=60)
-
-
-@pytest.fixture()
-def http(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-    ) as c:
-        yield c
 
 
 def _batch(client: Any, tmp_path: Path, n: int, **body: Any) -> Any:

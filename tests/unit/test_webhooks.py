@@ -221,6 +221,23 @@ def test_a_delivery_is_given_up_after_the_retry_time_and_kept(tmp_path: Path) ->
     assert snap["recent"][0]["error"] == "HTTP 500" and snap["undelivered"] == 0
 
 
+def test_the_janitor_prunes_old_settled_rows_and_never_a_due_one(tmp_path: Path) -> None:
+    outbox = _outbox(tmp_path / "c.sqlite")
+    hooks = (WebhookEndpoint(url="http://127.0.0.1:9/a", secret_env="S"),)
+    deliverer = Deliverer(outbox, WebhookSettings(hooks), {hooks[0].url: b"k"})
+    for job in ("old-done", "old-given-up", "new-done", "old-due"):
+        _stage(outbox, deliverer, "native", job, "completed")
+    seq = {d.job_id: d.seq for d in outbox.due(hooks[0].url, now=time.time() + 10)}
+    outbox.record(seq["old-done"], "delivered", 1, 0, 100.0, 200, None)
+    outbox.record(seq["old-given-up"], "given_up", 9, 0, 100.0, 500, "HTTP 500")
+    outbox.record(seq["new-done"], "delivered", 1, 0, 5000.0, 200, None)
+    outbox.record(seq["old-due"], "due", 3, 6000.0, 100.0, 500, "HTTP 500")  # still retrying
+    assert outbox.prune(before=1000.0) == 2
+    left = {row["job_id"]: row["state"] for row in outbox.recent()}
+    assert left == {"new-done": "delivered", "old-due": "due"}
+    assert outbox.undelivered() == 1 and outbox.prune(before=1000.0) == 0
+
+
 def test_due_deliveries_survive_a_restart_and_are_delivered(tmp_path: Path) -> None:
     """A deliverer that stopped while its receiver was down: a new one on the same database
     delivers what was due (at least once, with the event's id)."""
