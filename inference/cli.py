@@ -39,6 +39,10 @@ def _root() -> None:
 
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Job config (YAML).")]
+InputArg = Annotated[
+    Path, typer.Argument(help="Input file (OpenAI batch JSONL, JSONL/CSV/Parquet).")
+]
+OutputRootOpt = Annotated[Path | None, typer.Option(help="Output root (overrides output.path).")]
 
 
 def _load(config_path: Path, output: Path | None) -> Config:
@@ -57,13 +61,9 @@ def _fmt_eta(seconds: float | None) -> str:
 
 @app.command()
 def run(
-    input: Annotated[
-        Path, typer.Argument(help="Input file (OpenAI batch JSONL, JSONL/CSV/Parquet).")
-    ],
+    input: InputArg,
     config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
-    output: Annotated[
-        Path | None, typer.Option(help="Output root (overrides output.path).")
-    ] = None,
+    output: OutputRootOpt = None,
     job_id: Annotated[
         str | None, typer.Option("--job-id", help="Job id; the same id resumes.")
     ] = None,
@@ -133,13 +133,9 @@ def run(
 
 @app.command()
 def estimate(
-    input: Annotated[
-        Path, typer.Argument(help="Input file (OpenAI batch JSONL, JSONL/CSV/Parquet).")
-    ],
+    input: InputArg,
     config: ConfigOpt = Path("configs/tiny-cpu.yaml"),
-    output: Annotated[
-        Path | None, typer.Option(help="Output root (overrides output.path).")
-    ] = None,
+    output: OutputRootOpt = None,
     deadline: Annotated[
         str | None,
         typer.Option(help="Finish within (2h, 90m) or by (ISO time): the workers it needs."),

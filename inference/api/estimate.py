@@ -16,21 +16,21 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from inference.config import Config
-from inference.errors import ConfigError, InputError
+from inference.errors import InputError
 from inference.estimate import config_deadline_s, parse_deadline, server_estimate
 
 from .batch_input import batch_items, check_batch_file
 from .files import CHUNK_BYTES
 from .http_errors import ApiError
-from .models import EnqueueRequest, ItemIn, JobConfig, Strict
-from .native import _check_count, _checked_items
+from .models import BatchEndpoint, EnqueueRequest, ItemIn, JobConfig, Strict
+from .native import _check_count, _checked_items, with_job_config
 from .server import state_dir
 from .state import ServerState, call
 
@@ -41,7 +41,7 @@ class EstimateRequest(Strict):
     input_file_id: str | None = Field(
         None, min_length=1, max_length=128, description="An uploaded file with purpose batch."
     )
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] | None = Field(
+    endpoint: BatchEndpoint | None = Field(
         None, description="With input_file_id: the endpoint every line calls."
     )
     items: list[ItemIn] | None = Field(
@@ -69,12 +69,7 @@ class EstimateRequest(Strict):
 @router.post("/v1/jobs/estimate", summary="Estimate a job: tokens, duration, cost, workers")
 async def estimate_job(request: Request, body: EstimateRequest) -> dict[str, Any]:
     state: ServerState = request.app.state.inference
-    config = state.config
-    if body.config is not None:
-        try:
-            config = config.with_updates(**body.config.model_dump(exclude_none=True))
-        except ConfigError as exc:
-            raise ApiError(400, str(exc), "config", "invalid_config") from None
+    config = with_job_config(state.config, body.config)
     now = time.time()
     try:
         deadline_s = (

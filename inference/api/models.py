@@ -44,13 +44,16 @@ class OutputExpiresAfter(Strict):
     seconds: int = Field(ge=3600, le=2_592_000, description="Seconds the output files are kept.")
 
 
+BatchEndpoint = Literal[
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"
+]  # the endpoints a batch file's lines may call
+
+
 class BatchCreate(Strict):
     input_file_id: str = Field(
         min_length=1, max_length=128, description="An uploaded file with purpose batch."
     )
-    endpoint: Literal[
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"
-    ] = Field(description="The endpoint every line of the file calls.")
+    endpoint: BatchEndpoint = Field(description="The endpoint every line of the file calls.")
     completion_window: str = Field(
         pattern=r"^[1-9]\d{0,6}[smhd]$",
         description="Time to finish, e.g. '24h' (OpenAI's only value); here 1s to 30d.",

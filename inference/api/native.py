@@ -28,7 +28,14 @@ from inference.shards import JobOutput
 
 from .http_errors import ApiError, validation_error
 from .items import ItemRejected, check_item, oversized, route
-from .models import ID_PATTERN, URGENT_PRIORITY, EnqueueRequest, EnqueueResponse, JobCreate
+from .models import (
+    ID_PATTERN,
+    URGENT_PRIORITY,
+    EnqueueRequest,
+    EnqueueResponse,
+    JobConfig,
+    JobCreate,
+)
 from .state import ServerState, call
 from .views import job_object, page
 
@@ -65,15 +72,22 @@ _ENQUEUE_BODY = {
 }
 
 
+def with_job_config(config: Config, overrides: JobConfig | None) -> Config:
+    """The server's config with a request's ``config`` settings over it (``POST /v1/jobs``,
+    ``POST /v1/jobs/estimate``); values each field accepts alone but refused together are a
+    400 naming ``config``."""
+    if overrides is None:
+        return config
+    try:
+        return config.with_updates(**overrides.model_dump(exclude_none=True))
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), "config", "invalid_config") from None
+
+
 @router.post("/v1/jobs", summary="Create a job (the server's engine; queue settings may vary)")
 async def create_job(request: Request, body: JobCreate) -> dict[str, Any]:
     state: ServerState = request.app.state.inference
-    config = state.config
-    if body.config is not None:
-        try:
-            config = config.with_updates(**body.config.model_dump(exclude_none=True))
-        except ConfigError as exc:  # a value each field accepts alone, refused together
-            raise ApiError(400, str(exc), "config", "invalid_config") from None
+    config = with_job_config(state.config, body.config)
     rec = await call(
         state.controller.create_job.remote(
             body.job_id,

@@ -186,6 +186,29 @@ def test_an_uploaded_file_and_the_same_items_inline_get_the_same_estimate(
     assert a["deadline"]["deadline_s"] == 3600
 
 
+def test_a_responses_file_is_estimated_as_its_batch_would_run_it(
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"model": "tiny-llama", "input": f"say r{i}", "max_output_tokens": 7},
+        }
+        for i in range(5)
+    ]
+    file_id = _upload(http, _jsonl(tmp_path / "responses.jsonl", lines))
+    reply = http.post(
+        "/v1/jobs/estimate", json={"input_file_id": file_id, "endpoint": "/v1/responses"}
+    )
+    assert reply.status_code == 200, reply.text
+    est = reply.json()
+    assert est["items"] == 5 and est["max_output_tokens"] == 5 * 7
+    inline = http.post("/v1/jobs/estimate", json={"items": lines}).json()
+    assert inline["prompt_tokens"] == est["prompt_tokens"] > 5 * 3
+
+
 def test_bad_estimate_requests_are_refused_naming_what_and_where(
     http: httpx.Client, tmp_path: Path
 ) -> None:
