@@ -597,9 +597,6 @@ class Controller:
         deleted = [f for f in self._files.expired(now) if self._files.delete(f)]
         if deleted:
             logger.info("janitor: deleted %d expired file(s): %s", len(deleted), deleted[:10])
-        pruned = self._registry.outbox.prune((time.time() if now is None else now) - KEEP_S)
-        if pruned:
-            logger.info("janitor: deleted %d webhook delivery row(s) past their keep", pruned)
         return deleted
 
     # ------------------------------------------------------------------ results while running
@@ -717,6 +714,8 @@ class Controller:
         if now - self._swept_at >= SWEEP_S:
             self._swept_at = now
             self.sweep_files()
+            if pruned := self._registry.outbox.prune(time.time() - KEEP_S):
+                logger.info("janitor: deleted %d settled webhook row(s) past their keep", pruned)
 
     def _measure(self, stats: dict[str, dict[str, Any]], now: float) -> None:
         self._backlog = sum(s["pending"] for s in stats.values() if s["state"] == "active")
